@@ -1,0 +1,151 @@
+"""The scheduler: one asyncio task owns the queue and cuts it into token-budget batches.
+
+Every input is its own entry with its own future, so inputs of concurrent requests share batches.
+A batch is filled in arrival order up to `max_batch_tokens` (an input longer than the budget runs
+alone); entries whose request is gone are skipped. Two batches may be in flight: while the device
+runs one, the next is already packed and waiting. A batch's failure is set on each of its futures
+and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from toolkit.errors import InferenceError, OverloadedError, ServiceUnavailableError
+from toolkit.runner import ItemResult, Runner, WorkItem
+
+logger = logging.getLogger(__name__)
+
+_IN_FLIGHT_BATCHES = 2
+
+
+@dataclass
+class Entry:
+    item: WorkItem
+    future: asyncio.Future[ItemResult] = field(repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.item.token_ids)
+
+
+class Batcher:
+    def __init__(self, runner: Runner, max_batch_tokens: int, max_queued_tokens: int) -> None:
+        self.runner = runner
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queued_tokens = max_queued_tokens
+        self._queue: deque[Entry] = deque()
+        self._queued_tokens = 0
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(_IN_FLIGHT_BATCHES)
+        self._task: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    @property
+    def queued_inputs(self) -> int:
+        return len(self._queue)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    @property
+    def alive(self) -> bool:
+        task_ok = self._task is not None and not self._task.done()
+        return task_ok and self.runner.alive
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_queued(ServiceUnavailableError("the server is shutting down"))
+
+    def submit(self, items: Sequence[WorkItem]) -> list[asyncio.Future[ItemResult]]:
+        """Admit all items or none: refused with 429 when the queue would exceed its budget."""
+        if not self.alive:
+            raise ServiceUnavailableError("the inference worker is not running")
+        tokens = sum(len(item.token_ids) for item in items)
+        if self._queued_tokens and self._queued_tokens + tokens > self.max_queued_tokens:
+            raise OverloadedError(f"the server has {self._queued_tokens} tokens queued; retry shortly")
+        loop = asyncio.get_running_loop()
+        entries = [Entry(item, loop.create_future()) for item in items]
+        self._queue.extend(entries)
+        self._queued_tokens += tokens
+        self._wakeup.set()
+        return [entry.future for entry in entries]
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            await self._slots.acquire()
+            batch = self._take_batch()
+            if not batch:
+                self._slots.release()
+                self._wakeup.clear()
+                continue
+            task = asyncio.create_task(self._run(batch))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    def _take_batch(self) -> list[Entry]:
+        batch: list[Entry] = []
+        tokens = 0
+        while self._queue:
+            entry = self._queue[0]
+            if entry.future.done():  # the client went away: never reaches the device
+                self._queue.popleft()
+                self._queued_tokens -= entry.num_tokens
+                continue
+            if batch and tokens + entry.num_tokens > self.max_batch_tokens:
+                break
+            self._queue.popleft()
+            self._queued_tokens -= entry.num_tokens
+            batch.append(entry)
+            tokens += entry.num_tokens
+        if batch:
+            logger.info(
+                "Batch. #seq: %d, #token: %d, #queue-seq: %d, #queue-token: %d",
+                len(batch),
+                tokens,
+                len(self._queue),
+                self._queued_tokens,
+            )
+        return batch
+
+    async def _run(self, batch: list[Entry]) -> None:
+        results: list[ItemResult]
+        try:
+            results = await asyncio.wrap_future(self.runner.submit([e.item for e in batch]))
+        except asyncio.CancelledError:
+            results = [ServiceUnavailableError("the server is shutting down")] * len(batch)
+            raise
+        except Exception as exc:  # the device thread is gone
+            logger.error("batch could not run: %r", exc)
+            results = [ServiceUnavailableError("the inference worker is not running")] * len(batch)
+        finally:
+            self._slots.release()
+            for entry, result in zip(batch, results, strict=True):
+                _resolve(entry.future, result)
+
+    def _fail_queued(self, error: Exception) -> None:
+        while self._queue:
+            _resolve(self._queue.popleft().future, error)
+        self._queued_tokens = 0
+
+
+def _resolve(future: asyncio.Future[ItemResult], result: ItemResult | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        if not isinstance(result, InferenceError | ServiceUnavailableError):
+            result = InferenceError("the model failed on this input; the server log has details")
+        future.set_exception(result)
+    else:
+        future.set_result(result)

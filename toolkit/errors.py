@@ -1,0 +1,114 @@
+"""The exception tree of the server: every error a client can see, with its HTTP status and OpenAI type.
+
+The HTTP layer has exactly one handler that turns a `ToolkitError` into
+`{"error": {"message", "type", "param", "code"}}`; everything else raises these.
+"""
+
+from __future__ import annotations
+
+
+class ToolkitError(Exception):
+    """Base class. Subclasses fix the HTTP status and the OpenAI error `type`."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers the answer must carry (Retry-After, WWW-Authenticate...)."""
+        return {}
+
+    def to_body(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(ToolkitError):
+    """The request is malformed or asks for something the model cannot do."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class AuthenticationError(ToolkitError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class NotFoundError(ToolkitError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    default_code = "model_not_found"
+
+
+class MethodNotAllowedError(ToolkitError):
+    status_code = 405
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLargeError(ToolkitError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(ToolkitError):
+    status_code = 415
+    error_type = "invalid_request_error"
+
+
+class OverloadedError(ToolkitError):
+    """Admission refused: the queue is full. The client should retry after a short pause."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "server_overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class InferenceError(ToolkitError):
+    """The model failed on a batch; the message is generic, the traceback goes to the log."""
+
+    status_code = 500
+    error_type = "server_error"
+
+
+class ServiceUnavailableError(ToolkitError):
+    """The server is starting, draining or its inference worker has died."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "service_unavailable"
+
+
+class ModelLoadError(Exception):
+    """Raised at start-up when a model cannot be found or loaded; never seen by a client."""

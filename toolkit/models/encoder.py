@@ -1,0 +1,171 @@
+"""Bidirectional encoders over packed tokens: BERT, XLM-RoBERTa and MPNet.
+
+One post-LayerNorm transformer covers the three; they differ only in position ids (RoBERTa-style
+models count positions from padding_idx + 1), token-type embeddings (BERT only) and MPNet's
+relative-position attention bias. Shapes: T packed tokens, D hidden, H heads, d head size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.models.attention import packed_attention
+from toolkit.packing import PackedBatch
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    intermediate_size: int
+    max_positions: int
+    norm_eps: float
+    activation: str
+    position_offset: int  # added to 0-based positions (padding_idx + 1 for RoBERTa and MPNet)
+    type_vocab_size: int  # 0 when the model has no token-type embeddings
+    relative_buckets: int  # MPNet's relative attention buckets, 0 for none
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.max_positions - self.position_offset
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> EncoderConfig:
+        model_type = hf["model_type"]
+        offset = 0 if model_type == "bert" else int(hf.get("pad_token_id", 1)) + 1
+        return cls(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            max_positions=hf["max_position_embeddings"],
+            norm_eps=hf.get("layer_norm_eps", 1e-12),
+            activation=hf.get("hidden_act", "gelu"),
+            position_offset=offset,
+            type_vocab_size=hf.get("type_vocab_size", 0) if model_type != "mpnet" else 0,
+            relative_buckets=hf.get("relative_attention_num_buckets", 32) if model_type == "mpnet" else 0,
+        )
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.attn_out = nn.Linear(cfg.dim, cfg.dim)
+        self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_in = nn.Linear(cfg.dim, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.dim)
+        self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.act = _ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, bias: torch.Tensor | None) -> torch.Tensor:
+        t, h, d = x.shape[0], self.cfg.n_heads, self.cfg.head_dim
+        q, k, v = self.qkv(x).view(t, 3, h, d).unbind(1)  # each [T, H, d]
+        attn = packed_attention(q, k, v, batch, causal=False, bias=bias).reshape(t, h * d)
+        x = self.attn_norm(x + self.attn_out(attn))
+        return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_embeddings = nn.Embedding(cfg.max_positions, cfg.dim)
+        self.type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.dim) if cfg.type_vocab_size else None
+        self.emb_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.relative_bias = nn.Embedding(cfg.relative_buckets, cfg.n_heads) if cfg.relative_buckets else None
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:  # [T, D]
+        positions = batch.position_ids.long() + self.cfg.position_offset
+        x = self.tok_embeddings(batch.input_ids.long()) + self.pos_embeddings(positions)
+        if self.type_embeddings is not None:
+            # Every input is a single segment: token type 0.
+            x = x + self.type_embeddings.weight[0]
+        x = self.emb_norm(x)
+        bias = self._relative_bias(batch.max_seqlen, x.device)
+        for layer in self.layers:
+            x = layer(x, batch, bias)
+        return x
+
+    def _relative_bias(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """MPNet: a learned bias per head for each bucket of relative distance. [H, L, L]"""
+        if self.relative_bias is None:
+            return None
+        positions = torch.arange(length, device=device)
+        relative = positions[None, :] - positions[:, None]  # key minus query
+        buckets = _relative_position_bucket(relative, self.cfg.relative_buckets)
+        return self.relative_bias(buckets).permute(2, 0, 1)
+
+
+def _relative_position_bucket(
+    relative: torch.Tensor, num_buckets: int, max_distance: int = 128
+) -> torch.Tensor:
+    """Bidirectional log-spaced buckets: exact for small distances, logarithmic beyond."""
+    half = num_buckets // 2
+    bucket = (relative > 0).long() * half
+    distance = relative.abs()
+    exact = half // 2
+    is_small = distance < exact
+    log_ratio = torch.log(distance.float().clamp_min(1) / exact) / math.log(max_distance / exact)
+    large = exact + (log_ratio * (half - exact)).long()
+    large = large.clamp_max(half - 1)
+    return bucket + torch.where(is_small, distance, large)
+
+
+def encoder_state_dict(hf: dict[str, torch.Tensor], cfg: EncoderConfig) -> dict[str, torch.Tensor]:
+    """Rename a transformers checkpoint (prefix already stripped) to this module's names."""
+    mpnet = cfg.relative_buckets > 0
+    out = {
+        "tok_embeddings.weight": hf["embeddings.word_embeddings.weight"],
+        "pos_embeddings.weight": hf["embeddings.position_embeddings.weight"],
+        "emb_norm.weight": hf["embeddings.LayerNorm.weight"],
+        "emb_norm.bias": hf["embeddings.LayerNorm.bias"],
+    }
+    if cfg.type_vocab_size:
+        out["type_embeddings.weight"] = hf["embeddings.token_type_embeddings.weight"]
+    if mpnet:
+        out["relative_bias.weight"] = hf["encoder.relative_attention_bias.weight"]
+    for i in range(cfg.n_layers):
+        src, dst = f"encoder.layer.{i}.", f"layers.{i}."
+        if mpnet:
+            attn = src + "attention.attn."
+            names = {"q": attn + "q", "k": attn + "k", "v": attn + "v"}
+            attn_out, attn_norm = attn + "o", src + "attention.LayerNorm"
+        else:
+            attn = src + "attention.self."
+            names = {"q": attn + "query", "k": attn + "key", "v": attn + "value"}
+            attn_out = src + "attention.output.dense"
+            attn_norm = src + "attention.output.LayerNorm"
+        for kind in ("weight", "bias"):
+            out[dst + "qkv." + kind] = torch.cat([hf[f"{names[p]}.{kind}"] for p in "qkv"])
+            out[f"{dst}attn_out.{kind}"] = hf[f"{attn_out}.{kind}"]
+            out[f"{dst}attn_norm.{kind}"] = hf[f"{attn_norm}.{kind}"]
+            out[f"{dst}ffn_in.{kind}"] = hf[f"{src}intermediate.dense.{kind}"]
+            out[f"{dst}ffn_out.{kind}"] = hf[f"{src}output.dense.{kind}"]
+            out[f"{dst}ffn_norm.{kind}"] = hf[f"{src}output.LayerNorm.{kind}"]
+    return out

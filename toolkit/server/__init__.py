@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI routes, request schemas and the one error handler."""

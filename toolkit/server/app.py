@@ -1,0 +1,246 @@
+"""FastAPI application: the OpenAI embeddings route and the native routes.
+
+Routes only translate between HTTP and the engine; validation lives in the engine and the schemas,
+errors in `toolkit.server.errors`. The model loads in the background after the socket is bound:
+/health answers 503 until the first warm-up batch has run, then 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import orjson
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+
+from toolkit.engine import EmbedRequest, EmbedResult, Engine
+from toolkit.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+)
+from toolkit.server.errors import install_error_handlers
+from toolkit.server.limits import BodySizeLimit
+from toolkit.server.responses import JSONResponse
+from toolkit.server.schemas import EmbeddingRequest, EncodeRequest
+from toolkit.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    args: ServerArgs
+    model_path: str
+    tokenizer_path: str
+    engine: Engine | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def ready_engine(self) -> Engine:
+        if self.engine is None:
+            raise ServiceUnavailableError("the model is still loading; retry shortly")
+        if not self.engine.batcher.alive:
+            raise ServiceUnavailableError("the inference worker has stopped; restart the server")
+        return self.engine
+
+
+def create_app(
+    state: ServerState,
+    load_engine: Callable[[], Engine],
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """`load_engine` runs in a worker thread once the server starts; `on_fatal` hears of its failure."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_load(state, load_engine, on_fatal))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            if state.engine is not None:
+                await state.engine.batcher.stop()
+                state.engine.batcher.runner.shutdown()
+
+    app = FastAPI(title="toolkit embedding server", lifespan=lifespan, default_response_class=JSONResponse)
+    app.add_middleware(BodySizeLimit, max_bytes=state.args.max_request_bytes)
+    install_error_handlers(app)
+    authorized = [Depends(_api_key_check(state.args.api_key))]
+
+    @app.get("/health")
+    async def health() -> Response:
+        state.ready_engine()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def list_models() -> Response:
+        return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+    @app.get("/get_model_info", dependencies=authorized)
+    async def model_info() -> Response:
+        info: dict[str, Any] = {
+            "model_path": state.model_path,
+            "tokenizer_path": state.tokenizer_path,
+            "is_generation": False,
+            "served_model_name": state.args.model_name,
+        }
+        if state.engine is not None:
+            engine = state.engine
+            info |= {
+                "embedding_dim": engine.embedding_dim,
+                "max_model_len": engine.limits.context_length,
+                "pooling": list(engine.spec.pooling_modes),
+                "normalize": engine.spec.normalize,
+                "prompts": engine.spec.prompts,
+                "matryoshka_dimensions": engine.spec.matryoshka_dimensions,
+            }
+        return JSONResponse(info)
+
+    @app.post("/v1/embeddings", dependencies=authorized, openapi_extra=_json_body(EmbeddingRequest))
+    async def embeddings(request: Request) -> Response:
+        body = await _parse_body(request, EmbeddingRequest)
+        if body.model is not None and body.model != state.args.model_name:
+            raise ModelNotFoundError(
+                f"model {body.model!r} is not served here; this server serves {state.args.model_name!r}",
+                param="model",
+            )
+        result = await state.ready_engine().embed(_embed_request(body.input, body))
+        as_base64 = body.encoding_format == "base64"
+        data = [
+            {"object": "embedding", "index": i, "embedding": _as_base64(row) if as_base64 else row}
+            for i, row in enumerate(result.embeddings)
+        ]
+        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        return JSONResponse({"object": "list", "data": data, "model": state.args.model_name, "usage": usage})
+
+    @app.post("/encode", dependencies=authorized, openapi_extra=_json_body(EncodeRequest))
+    async def encode(request: Request) -> Response:
+        body = await _parse_body(request, EncodeRequest)
+        if (body.text is None) == (body.input_ids is None):
+            raise InvalidRequestError("send exactly one of 'text' or 'input_ids'", param="text")
+        raw = body.text if body.text is not None else body.input_ids
+        single = isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
+        result = await state.ready_engine().embed(
+            _embed_request(raw, body, param="text" if body.text is not None else "input_ids")
+        )
+        items = _encode_items(result)
+        return JSONResponse(items[0] if single else items)
+
+    return app
+
+
+async def _load(
+    state: ServerState,
+    load_engine: Callable[[], Engine],
+    on_fatal: Callable[[BaseException], None] | None,
+) -> None:
+    try:
+        engine = await asyncio.to_thread(load_engine)
+    except Exception as exc:
+        logger.exception("loading the model failed")
+        if on_fatal is not None:
+            on_fatal(exc)
+        return
+    engine.batcher.start()
+    state.engine = engine
+    logger.info("The server is ready to embed with %s.", state.args.model_name)
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def _parse_body(request: Request, schema: type[Body]) -> Body:
+    """Parse the body as JSON whatever its Content-Type (curl -d sends form encoding by default)."""
+    raw = await request.body()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _json_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI description of a JSON body that the route parses itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema.model_json_schema()}},
+        }
+    }
+
+
+def _api_key_check(api_key: str | None) -> Callable[[Request], None]:
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        # Constant-time comparison: the answer time must not reveal how much of the key matched.
+        if not hmac.compare_digest(given, expected):
+            raise AuthenticationError("missing or wrong API key; send 'Authorization: Bearer KEY'")
+
+    return check
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    card: dict[str, Any] = {
+        "id": state.args.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "toolkit",
+        "root": state.model_path,
+    }
+    if state.engine is not None:
+        card["max_model_len"] = state.engine.limits.context_length
+    return card
+
+
+def _embed_request(raw: Any, body: EmbeddingRequest | EncodeRequest, param: str = "input") -> EmbedRequest:
+    """Sort the four input forms into texts or token-id lists."""
+    options: dict[str, Any] = {
+        "param": param,
+        "dimensions": body.dimensions,
+        "prompt": body.prompt,
+        "prompt_name": body.prompt_name,
+        "truncate": body.truncate,
+        "truncation_side": body.truncation_side,
+    }
+    if isinstance(raw, str):
+        return EmbedRequest(texts=[raw], **options)
+    if raw and isinstance(raw[0], int):
+        return EmbedRequest(token_ids=[raw], **options)
+    if raw and isinstance(raw[0], list):
+        return EmbedRequest(token_ids=raw, **options)
+    return EmbedRequest(texts=raw, **options)
+
+
+def _as_base64(row: np.ndarray) -> str:
+    return base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode("ascii")
+
+
+def _encode_items(result: EmbedResult) -> list[dict[str, Any]]:
+    return [
+        {
+            "embedding": row,
+            "meta_info": {"id": uuid.uuid4().hex, "prompt_tokens": count, "finish_reason": None},
+        }
+        for row, count in zip(result.embeddings, result.token_counts, strict=True)
+    ]

@@ -1,0 +1,117 @@
+"""Server configuration: one dataclass, built once from the command line and the environment."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from toolkit.model_spec import POOLING_MODES
+
+# Environment variable through which `toolkit.utils.launch_server_cmd` hands over a listening
+# socket it already bound, so the port cannot be taken by someone else before the server starts.
+LISTEN_FD_ENV = "TOOLKIT_LISTEN_FD"
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_path: str | None = None
+    tokenizer_path: str | None = None
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 30000
+    is_embedding: bool = True
+    dtype: str = "auto"
+    device: str = "auto"
+    context_length: int | None = None
+    api_key: str | None = None
+    log_level: str = "info"
+    max_batch_tokens: int = 16384
+    max_queued_tokens: int = 1_048_576
+    max_inputs_per_request: int = 2048
+    max_request_bytes: int = 128 * 1024 * 1024
+    pooling: str | None = None
+    normalize: bool | None = None
+    default_prompt_name: str | None = None
+    truncate: bool = False
+    truncation_side: str = "right"
+    warmup: bool = True
+    listen_fd: int | None = None
+
+    @property
+    def model_name(self) -> str:
+        """The id clients must send as `model` (and that /v1/models lists)."""
+        return self.served_model_name or self.model_path or DEFAULT_MODEL_NAME
+
+    @classmethod
+    def from_cli(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> ServerArgs:
+        """Parse the command line; `environ` (default os.environ) is the only environment read."""
+        environ = os.environ if environ is None else environ
+        namespace = build_parser().parse_args(argv)
+        values = vars(namespace)
+        fd = environ.get(LISTEN_FD_ENV)
+        values["listen_fd"] = int(fd) if fd and fd.isdigit() else None
+        return cls(**values)
+
+    def describe(self) -> str:
+        """`ServerArgs(...)` with the api key masked, for the one start-up log line."""
+        shown = dataclasses.replace(self, api_key="***" if self.api_key else None)
+        return repr(shown)
+
+
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m toolkit.launch_server",
+        description="Serve an embedding model over an OpenAI-compatible HTTP API.",
+    )
+    add = parser.add_argument
+    add("--model-path", help="local directory or Hugging Face id; default: bundled all-MiniLM-L6-v2")
+    add("--tokenizer-path", help="tokenizer directory when it differs from the model's")
+    add("--served-model-name", help="the `model` id clients send (default: --model-path)")
+    add("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    add("--port", type=int, default=30000)
+    add(
+        "--is-embedding",
+        action="store_true",
+        default=True,
+        help="accepted for compatibility with SGLang: this server only serves embeddings",
+    )
+    add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add("--context-length", type=_positive_int, help="max tokens per input (default: the model's)")
+    add("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add("--max-batch-tokens", type=_positive_int, default=16384, help="token budget of a batch")
+    add(
+        "--max-queued-tokens",
+        type=_positive_int,
+        default=1_048_576,
+        help="tokens waiting at most; beyond it requests get 429",
+    )
+    add("--max-inputs-per-request", type=_positive_int, default=2048)
+    add("--max-request-bytes", type=_positive_int, default=128 * 1024 * 1024)
+    add("--pooling", choices=POOLING_MODES, help="override the model's pooling")
+    add("--normalize", action=argparse.BooleanOptionalAction, default=None)
+    add("--default-prompt-name", help="a key of the model's prompts applied when none is asked")
+    add(
+        "--truncate",
+        action="store_true",
+        help="truncate over-long inputs instead of rejecting them (per request: `truncate`)",
+    )
+    add("--truncation-side", default="right", choices=["left", "right"])
+    add("--no-warmup", dest="warmup", action="store_false", help="skip the start-up warm-up")
+    return parser

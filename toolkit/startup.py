@@ -1,0 +1,108 @@
+"""Assemble a ready Engine from ServerArgs: find the model, read its files, load, warm up.
+
+`prepare` does the quick checks that must fail before the server binds (a missing model is one
+clear error line and a non-zero exit); `load` does the heavy part in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from toolkit.errors import ModelLoadError
+from toolkit.model_source import resolve_model_dir
+from toolkit.model_spec import EmbeddingSpec, read_embedding_spec
+from toolkit.server_args import ServerArgs
+from toolkit.tokenization import TextTokenizer
+
+if TYPE_CHECKING:
+    from toolkit.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    model_dir: Path
+    tokenizer_dir: Path
+    spec: EmbeddingSpec
+    tokenizer: TextTokenizer
+
+
+def prepare(args: ServerArgs) -> PreparedModel:
+    """Resolve the model and read its configuration and tokenizer; raises ModelLoadError."""
+    model_dir = resolve_model_dir(args.model_path)
+    if not (model_dir / "config.json").is_file() and not (model_dir / "modules.json").is_file():
+        raise ModelLoadError(f"{model_dir} holds neither config.json nor modules.json")
+    spec = read_embedding_spec(model_dir)
+    if args.pooling is not None or args.normalize is not None:
+        spec = _override(spec, args)
+    tokenizer_dir = resolve_model_dir(args.tokenizer_path) if args.tokenizer_path else spec.transformer_dir
+    tokenizer = TextTokenizer.from_dir(tokenizer_dir)
+    return PreparedModel(model_dir, tokenizer_dir, spec, tokenizer)
+
+
+def _override(spec: EmbeddingSpec, args: ServerArgs) -> EmbeddingSpec:
+    modes = (args.pooling,) if args.pooling is not None else spec.pooling_modes
+    normalize = spec.normalize if args.normalize is None else args.normalize
+    return replace(spec, pooling_modes=modes, normalize=normalize)
+
+
+def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
+    """Load weights onto the device and build the Engine (imports torch: server process only)."""
+    from toolkit.batcher import Batcher
+    from toolkit.engine import Engine, EngineLimits
+    from toolkit.models import load_model
+    from toolkit.runner import Runner, WorkItem, pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    started = time.perf_counter()
+    model = load_model(prepared.spec.transformer_dir, device, dtype)
+    logger.info(
+        "Load weight end. implementation=%s, type=%s, dtype=%s, device=%s, %.2f s",
+        model.implementation,
+        type(model.module).__name__,
+        dtype,
+        device,
+        time.perf_counter() - started,
+    )
+    spec = prepared.spec
+    runner = Runner(model, device, spec.pooling_modes, spec.normalize)
+    context_length = _context_length(args, spec, model.max_input_tokens)
+    if args.warmup:
+        runner.run([WorkItem(prepared.tokenizer.encode(["warm up"])[0])])
+    limits = EngineLimits(
+        context_length=context_length,
+        vocab_size=_vocab_rows(model.module, prepared.tokenizer),
+        max_inputs_per_request=args.max_inputs_per_request,
+        truncate=args.truncate,
+        truncation_side=args.truncation_side,
+        default_prompt_name=args.default_prompt_name or spec.default_prompt_name,
+    )
+    batcher = Batcher(runner, args.max_batch_tokens, args.max_queued_tokens)
+    dim = model.hidden_size * len(spec.pooling_modes)
+    return Engine(batcher, prepared.tokenizer, spec, limits, dim)
+
+
+def _context_length(args: ServerArgs, spec: EmbeddingSpec, model_limit: int) -> int:
+    wanted = args.context_length or spec.max_seq_length or model_limit
+    if wanted > model_limit:
+        logger.warning(
+            "context length %d exceeds the model's %d positions: using %d",
+            wanted,
+            model_limit,
+            model_limit,
+        )
+    return min(wanted, model_limit)
+
+
+def _vocab_rows(module: object, tokenizer: TextTokenizer) -> int:
+    """Valid token ids: rows of the input embedding, which may exceed the tokenizer's vocabulary."""
+    get = getattr(module, "get_input_embeddings", None)
+    embedding = get() if callable(get) else getattr(module, "tok_embeddings", None)
+    rows = getattr(embedding, "num_embeddings", None)
+    return int(rows) if rows else tokenizer.vocab_size
