@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from toolkit.errors import ModelLoadError
-from toolkit.server_args import ServerArgs
+from toolkit.server_args import LISTEN_FD_ENV, ServerArgs
 
 logger = logging.getLogger("toolkit")
 
@@ -28,6 +28,8 @@ def configure_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = ServerArgs.from_cli(argv)
+    # The inherited socket is ours alone: processes we start must not see it.
+    os.environ.pop(LISTEN_FD_ENV, None)
     configure_logging(args.log_level)
     logger.info("server_args=%s", args.describe())
 

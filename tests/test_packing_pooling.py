@@ -1,0 +1,84 @@
+"""Packing and pooling invariants on hand-made tensors, checked against padded computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toolkit.packing import pack
+from toolkit.pooling import normalize, pool
+
+SEQS = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+
+
+def test_pack_layout() -> None:
+    batch = pack(SEQS)
+    assert batch.input_ids.dtype == batch.position_ids.dtype == batch.cu_seqlens.dtype == torch.int32
+    assert batch.input_ids.tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert batch.position_ids.tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4]
+    assert batch.cu_seqlens.tolist() == [0, 3, 4, 9]
+    assert batch.max_seqlen == 5 and batch.num_seqs == 3 and batch.num_tokens == 9
+    assert batch.seq_index.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2]
+    mask = batch.key_padding_mask
+    assert mask.sum(dim=1).tolist() == [3, 1, 5]
+    assert mask[0].tolist() == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("bad", [[], [[1], []]])
+def test_pack_refuses_empty(bad: list[list[int]]) -> None:
+    with pytest.raises(ValueError):
+        pack(bad)
+
+
+def padded_reference(hidden: torch.Tensor, lengths: list[int], mode: str, start: int = 0) -> torch.Tensor:
+    """Pooling written the padded way: a [B, L, D] tensor and a 0/1 mask."""
+    rows = list(torch.split(hidden, lengths))
+    length = max(lengths)
+    padded = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, length - len(r))) for r in rows])
+    mask = torch.zeros(len(rows), length)
+    for i, n in enumerate(lengths):
+        mask[i, start:n] = 1
+    if mode == "cls":
+        return torch.stack([r[start if len(r) > start else 0] for r in rows])
+    if mode == "lasttoken":
+        return torch.stack([r[-1] for r in rows])
+    if mode == "max":
+        return padded.masked_fill(mask[..., None] == 0, -torch.inf).max(dim=1).values
+    weights = mask * torch.arange(1, length + 1) if mode == "weightedmean" else mask
+    sums = (padded * weights[..., None]).sum(dim=1)
+    totals = weights.sum(dim=1, keepdim=True).clamp_min(1e-9)  # as sentence-transformers
+    return sums / (totals.sqrt() if mode == "mean_sqrt_len_tokens" else totals)
+
+
+@pytest.mark.parametrize("mode", ["cls", "lasttoken", "mean", "max", "mean_sqrt_len_tokens", "weightedmean"])
+@pytest.mark.parametrize("start", [0, 2])
+def test_packed_pooling_equals_padded(mode: str, start: int) -> None:
+    torch.manual_seed(0)
+    batch = pack(SEQS)
+    hidden = torch.randn(batch.num_tokens, 8)
+    starts = [start] * batch.num_seqs
+    got = pool(hidden, batch, [mode], starts)
+    expected = padded_reference(hidden, batch.seqlens, mode, start)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_pooling_one_alone_equals_inside_batch() -> None:
+    torch.manual_seed(1)
+    batch = pack(SEQS)
+    hidden = torch.randn(batch.num_tokens, 8)
+    together = pool(hidden, batch, ["mean"])
+    alone = pool(hidden[4:], pack([SEQS[2]]), ["mean"])
+    torch.testing.assert_close(together[2:], alone, rtol=0, atol=1e-6)
+
+
+def test_several_modes_concatenate_in_order() -> None:
+    batch = pack(SEQS)
+    hidden = torch.randn(batch.num_tokens, 4)
+    both = pool(hidden, batch, ["cls", "mean"])
+    assert both.shape == (3, 8)
+    torch.testing.assert_close(both[:, :4], pool(hidden, batch, ["cls"]))
+
+
+def test_normalize_gives_unit_rows() -> None:
+    out = normalize(torch.randn(5, 7))
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(5))

@@ -1,0 +1,502 @@
+"""Notebook helpers: start an embedding server, wait until it answers, stop it cleanly.
+
+Used from a notebook the way ``sglang.utils`` is::
+
+    process, port = launch_server_cmd("python3 -m toolkit.launch_server --model-path M")
+    wait_for_server(f"http://localhost:{port}", timeout=300)
+    ...
+    terminate_process(process)
+
+This module runs in the user's kernel, so it imports only the standard library, ``requests`` and
+``psutil`` (and IPython's display, only when IPython is already loaded): the heavy server stack
+lives in the child process.
+
+Port hand-off contract with the server (``toolkit.launch_server``): for a command that is a toolkit
+server, the parent binds and listens on the port itself and the child inherits that listening
+socket; its file descriptor number is in the environment variable named by ``LISTEN_FD_ENV``.
+A server that finds the variable must serve on that socket (``socket.socket(fileno=fd)``) instead
+of binding ``--host``/``--port`` again, mark it non-inheritable and drop the variable from its
+environment so its own subprocesses never see it. The port is then never free between choosing it
+and serving on it, and early clients queue in the socket's backlog instead of being refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import psutil
+import requests
+
+# The server reads the inherited listening socket's descriptor number from this variable.
+from toolkit.server_args import LISTEN_FD_ENV
+
+LISTEN_FD_SERVERS: tuple[str, ...] = ("toolkit.launch_server",)
+"""Command-line words that mark a command as a server honouring ``LISTEN_FD_ENV``.
+
+A command gets the inherited socket when one of its argv words equals one of these (as in
+``python3 -m toolkit.launch_server``). Tests add their fake server's path here.
+"""
+
+_PYTHON_NAMES = frozenset({"python", "python3"})
+_ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+_LINE_CONTINUATION = re.compile(r"\\\r?\n")
+_LOG_LINES_KEPT = 200
+_LOG_LINES_SHOWN = 30
+_POLL_FIRST_S = 0.05
+_POLL_MAX_S = 0.5
+_CONNECT_TIMEOUT_S = 2.0
+# A held port queues connections before the server accepts any, so the cheap GET can block while
+# the model loads; re-checking the process every few seconds keeps a crash from going unnoticed.
+_MODELS_READ_TIMEOUT_S = 5.0
+_READER_CATCH_UP_S = 1.0
+_KILL_WAIT_S = 5.0
+
+
+@dataclass(eq=False)
+class _Launch:
+    """What launch_server_cmd remembers about a process it started."""
+
+    process: subprocess.Popen[str]
+    host: str
+    port: int
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=_LOG_LINES_KEPT))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    reader: threading.Thread | None = None
+
+    def tail(self, count: int) -> list[str]:
+        with self.lock:
+            return list(self.lines)[-count:]
+
+
+# Keyed by pid; an entry is dropped once terminate_process has stopped its process.
+_LAUNCHES: dict[int, _Launch] = {}
+
+
+def launch_server_cmd(
+    command: str, host: str = "0.0.0.0", port: int | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """Start a server command in the background and return ``(process, port)``.
+
+    The command is split like a shell would: quotes are honoured, backslash-newline continues a
+    line, and leading ``KEY=VALUE`` words set environment variables for the child only. A leading
+    ``python``/``python3`` becomes this interpreter, so the notebook's environment runs the server.
+    ``--port`` is appended (a free port unless ``port`` is given); the reservation binds to the
+    command's own ``--host`` if it has one, else to ``host``.
+
+    The child runs in its own session (so terminate_process can stop its whole tree), its output
+    is streamed to this process's stdout line by line, and its last lines are kept for error
+    messages from wait_for_server.
+    """
+    env_updates, argv = _split_command(command)
+    if any(word == "--port" or word.startswith("--port=") for word in argv):
+        raise ValueError("pass the port as launch_server_cmd(..., port=N), not inside the command")
+    if argv[0] in _PYTHON_NAMES:
+        argv[0] = sys.executable
+    bind_host = _option_value(argv, "--host") or host
+    listener = _reserve_port(bind_host, port or 0)
+    chosen_port: int = listener.getsockname()[1]
+    argv += ["--port", str(chosen_port)]
+
+    env = os.environ.copy()
+    env.pop(LISTEN_FD_ENV, None)
+    # Python children buffer a piped stdout in blocks; unbuffered, the log streams as it happens
+    # and the last lines before a crash are not lost.
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(env_updates)
+    pass_fds: tuple[int, ...] = ()
+    if any(word in LISTEN_FD_SERVERS for word in argv):
+        env[LISTEN_FD_ENV] = str(listener.fileno())
+        pass_fds = (listener.fileno(),)
+    else:
+        # A foreign server binds the port itself: release it as late as possible.
+        listener.close()
+    try:
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            pass_fds=pass_fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+    finally:
+        listener.close()
+
+    launch = _Launch(process=process, host=bind_host, port=chosen_port)
+    assert process.stdout is not None
+    launch.reader = threading.Thread(
+        target=_pump_log,
+        args=(process.stdout, launch),
+        name=f"toolkit-server-log-{process.pid}",
+        daemon=True,
+    )
+    launch.reader.start()
+    _LAUNCHES[process.pid] = launch
+    return process, chosen_port
+
+
+def wait_for_server(
+    base_url: str,
+    timeout: float | None = None,
+    api_key: str | None = None,
+    process: subprocess.Popen[Any] | None = None,
+) -> None:
+    """Block until the server at ``base_url`` answers an embedding request.
+
+    Readiness means ``GET /v1/models`` names a model and ``POST /v1/embeddings`` for it returns
+    200, so a server that is up but still loading or warming up is not ready yet. ``api_key`` is
+    sent as a bearer token. ``process`` defaults to the process launch_server_cmd started on the
+    URL's port, if any.
+
+    Raises:
+        RuntimeError: the process exited (the message has its exit status and last log lines),
+            or the server refused the api key.
+        TimeoutError: not ready after ``timeout`` seconds (``None`` waits indefinitely).
+    """
+    base_url = base_url.rstrip("/")
+    launch = _launch_of(process) if process is not None else _launch_on_port(base_url)
+    if process is None and launch is not None:
+        process = launch.process
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = _POLL_FIRST_S
+    last_problem = "no answer yet"
+    with requests.Session() as session:
+        if api_key:
+            session.headers["Authorization"] = f"Bearer {api_key}"
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(_exit_report(process, launch))
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(
+                    f"Server at {base_url} was not ready after {timeout:g} s "
+                    f"(last: {last_problem}).{_log_excerpt(launch)}"
+                )
+            problem = _probe(session, base_url, remaining, api_key is not None)
+            if problem is None:
+                print_highlight("Server is ready.")
+                return
+            last_problem = problem
+            time.sleep(delay if remaining is None else min(delay, remaining))
+            delay = min(delay * 2, _POLL_MAX_S)
+
+
+def print_highlight(obj: object) -> None:
+    """Print ``obj`` so it stands out: bold blue HTML in Jupyter, bold ANSI on a terminal."""
+    text = str(obj)
+    if _in_jupyter():
+        from IPython.display import HTML, display
+
+        body = html.escape(text).replace("\n", "<br>")
+        display(HTML(f'<strong style="color: #00008B;">{body}</strong>'))
+    elif _stdout_wants_color():
+        print(f"\x1b[1;34m{text}\x1b[0m", flush=True)
+    else:
+        print(text, flush=True)
+
+
+def terminate_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Stop ``process`` and everything it started, then wait until its port is free again.
+
+    Descendants are collected first (they are re-parented once their parent dies), then the
+    process group and every descendant get SIGTERM; what is still alive after ``timeout``
+    seconds gets SIGKILL. The process is reaped, its log reader finishes, and for a server from
+    launch_server_cmd the call returns once its port can be bound again (again bounded by
+    ``timeout``; TimeoutError otherwise). Calling it again, or on an exited process, is harmless.
+    """
+    launch = _launch_of(process)
+    group = _owned_group(process, launch)
+    members = _tree_members(process, group)
+    _signal_tree(process, group, members, signal.SIGTERM)
+    if not _wait_gone(process, members, time.monotonic() + timeout):
+        _signal_tree(process, group, members, signal.SIGKILL)
+        _wait_gone(process, members, time.monotonic() + _KILL_WAIT_S)
+    process.wait(timeout=_KILL_WAIT_S)
+    if launch is None:
+        return
+    if launch.reader is not None:
+        launch.reader.join(timeout=_KILL_WAIT_S)
+    _wait_port_free(launch.host, launch.port, timeout)
+    _LAUNCHES.pop(process.pid, None)
+
+
+# --- launching ------------------------------------------------------------------------------
+
+
+def _split_command(command: str) -> tuple[dict[str, str], list[str]]:
+    """Split a shell-style command into leading ``KEY=VALUE`` assignments and argv."""
+    words = shlex.split(_LINE_CONTINUATION.sub("", command))
+    env: dict[str, str] = {}
+    while words and _ENV_ASSIGNMENT.match(words[0]):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    if not words:
+        raise ValueError(f"no command to run in {command!r}")
+    return env, words
+
+
+def _option_value(argv: list[str], option: str) -> str | None:
+    """The value of ``option`` in argv (``--opt V`` or ``--opt=V``), the last one winning."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(option + "="):
+            value = word[len(option) + 1 :]
+    return value
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) the way servers bind; port 0 picks a free port."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR as servers set it: TIME_WAIT leftovers of an earlier server don't count as
+        # "in use", a listening socket does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """A socket listening on (host, port), so nobody else can take the port."""
+    try:
+        sock = _bound_socket(host, port)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot reserve port {port} on {host}: {exc.strerror}") from exc
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def _pump_log(stream: IO[str], launch: _Launch) -> None:
+    """Copy the child's output to our stdout and into the launch's ring buffer until EOF."""
+    with stream:
+        for line in stream:
+            with launch.lock:
+                launch.lines.append(line.rstrip("\r\n"))
+            try:
+                sys.stdout.write(line if line.endswith("\n") else line + "\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                # Our stdout went away (closed capture, detached console): keep draining the pipe
+                # so the child never blocks on a full pipe, and keep the ring buffer filling.
+                pass
+
+
+# --- waiting --------------------------------------------------------------------------------
+
+
+def _probe(session: requests.Session, base_url: str, remaining: float | None, has_key: bool) -> str | None:
+    """None when the server embeds; otherwise why not yet. Raises on a refused api key."""
+
+    def timeout(read_s: float | None) -> tuple[float, float | None]:
+        if remaining is None:
+            return _CONNECT_TIMEOUT_S, read_s
+        bound = max(remaining, 0.01)
+        return min(_CONNECT_TIMEOUT_S, bound), bound if read_s is None else min(read_s, bound)
+
+    try:
+        with session.get(f"{base_url}/v1/models", timeout=timeout(_MODELS_READ_TIMEOUT_S)) as r:
+            _refuse_bad_key(r, base_url, has_key)
+            if r.status_code != 200:
+                return f"GET /v1/models answered {r.status_code}"
+            model = _first_model_id(r)
+        if model is None:
+            return "GET /v1/models listed no model"
+        body = {"model": model, "input": "warm up"}
+        with session.post(f"{base_url}/v1/embeddings", json=body, timeout=timeout(None)) as r:
+            _refuse_bad_key(r, base_url, has_key)
+            if r.status_code != 200:
+                return f"POST /v1/embeddings answered {r.status_code}"
+    except requests.RequestException as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _refuse_bad_key(response: requests.Response, base_url: str, has_key: bool) -> None:
+    if response.status_code not in (401, 403):
+        return
+    if has_key:
+        raise RuntimeError(
+            f"Server at {base_url} rejected the api key ({response.status_code}); "
+            "pass the key the server was started with (--api-key)."
+        )
+    raise RuntimeError(
+        f"Server at {base_url} needs an api key ({response.status_code}); "
+        "pass wait_for_server(..., api_key=...)."
+    )
+
+
+def _first_model_id(response: requests.Response) -> str | None:
+    try:
+        model = response.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+def _exit_report(process: subprocess.Popen[Any], launch: _Launch | None) -> str:
+    code = process.returncode
+    status = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    if launch is not None and launch.reader is not None:
+        # The reader may still hold the final lines; a surviving grandchild can keep the pipe
+        # open, so this wait is bounded.
+        launch.reader.join(timeout=_READER_CATCH_UP_S)
+    return f"Server process {process.pid} {status} before it was ready.{_log_excerpt(launch)}"
+
+
+def _log_excerpt(launch: _Launch | None) -> str:
+    if launch is None:
+        return ""
+    lines = launch.tail(_LOG_LINES_SHOWN)
+    if not lines:
+        return "\nThe server printed nothing."
+    return f"\nLast {len(lines)} log lines:\n" + "\n".join(lines)
+
+
+def _launch_of(process: subprocess.Popen[Any] | None) -> _Launch | None:
+    if process is None:
+        return None
+    launch = _LAUNCHES.get(process.pid)
+    return launch if launch is not None and launch.process is process else None
+
+
+def _launch_on_port(base_url: str) -> _Launch | None:
+    """The most recent launch on the URL's port, so wait_for_server(url) can watch the process."""
+    try:
+        port = urlsplit(base_url).port
+    except ValueError:
+        return None
+    matches = [launch for launch in _LAUNCHES.values() if launch.port == port]
+    return matches[-1] if matches else None
+
+
+# --- printing -------------------------------------------------------------------------------
+
+
+def _in_jupyter() -> bool:
+    # Only look at an IPython that is already loaded: importing it would cost the plain-Python
+    # user a heavy import for nothing.
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    shell = get_ipython() if callable(get_ipython) else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def _stdout_wants_color() -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# --- terminating ----------------------------------------------------------------------------
+
+
+def _owned_group(process: subprocess.Popen[Any], launch: _Launch | None) -> int | None:
+    """The process group to signal, only when the process leads a group other than ours."""
+    if launch is not None:
+        # start_new_session made the child a group leader; the group outlives the leader while
+        # orphaned grandchildren remain in it.
+        return process.pid
+    if process.poll() is not None:
+        return None
+    try:
+        group = os.getpgid(process.pid)
+    except ProcessLookupError:
+        return None
+    return group if group == process.pid and group != os.getpgrp() else None
+
+
+def _tree_members(process: subprocess.Popen[Any], group: int | None) -> list[psutil.Process]:
+    """Descendants of the process plus the members of its group, excluding the process itself."""
+    members: dict[int, psutil.Process] = {}
+    if process.poll() is None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(process.pid).children(recursive=True):
+                members[child.pid] = child
+    if group is not None:
+        for pid in psutil.pids():
+            if pid == process.pid or pid in members:
+                continue
+            try:
+                if os.getpgid(pid) == group:
+                    members[pid] = psutil.Process(pid)
+            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+                continue
+    return list(members.values())
+
+
+def _signal_tree(
+    process: subprocess.Popen[Any],
+    group: int | None,
+    members: list[psutil.Process],
+    sig: signal.Signals,
+) -> None:
+    if group is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
+    for member in members:
+        # psutil checks the pid still names the process we collected, not a reused pid.
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            member.send_signal(sig)
+    if process.poll() is None:
+        process.send_signal(sig)
+
+
+def _is_alive(member: psutil.Process) -> bool:
+    try:
+        # A zombie is dead for our purposes: only its parent (or init) can reap it.
+        return member.is_running() and member.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(process: subprocess.Popen[Any], members: list[psutil.Process], deadline: float) -> bool:
+    delay = 0.01
+    while process.poll() is None or any(_is_alive(m) for m in members):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return True
+
+
+def _wait_port_free(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            _bound_socket(host, port).close()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                message = f"port {port} on {host} still in use {timeout:g} s after exit"
+                raise TimeoutError(message) from None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
