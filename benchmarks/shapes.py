@@ -1,0 +1,84 @@
+"""Random-weight checkpoints with the exact configs of real embedding models, for benchmarks.
+
+Weights are random (there is no model hub here), so only speed is meaningful; the inputs are
+token ids. Building needs transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Alibaba-NLP/gte-Qwen2-1.5B-instruct's config.json (bidirectional attention, last-token pooling).
+    "gte-qwen2-1.5b": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151646,
+        "max_position_embeddings": 131072,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "is_causal": False,
+        "pooling": "lasttoken",
+    },
+    # BERT-base (bge-base-en-v1.5, e5-base-v2): CLS pooling.
+    "bert-base": {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "vocab_size": 30522,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+        "pad_token_id": 0,
+        "pooling": "cls",
+    },
+}
+
+
+def build_shape(name: str, dest: Path, device: str = "cpu", dtype: str = "bfloat16") -> Path:
+    """Save a random-weight checkpoint of the named shape (safetensors + sentence-transformers pooling)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    spec = dict(SHAPES[name])
+    pooling = spec.pop("pooling")
+    if (dest / "model.safetensors").exists() or (dest / "model.safetensors.index.json").exists():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.for_model(**spec)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModel.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(dest, safe_serialization=True)
+    _save_word_tokenizer(dest, config.vocab_size)
+    (dest / "1_Pooling").mkdir(exist_ok=True)
+    (dest / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": pooling}))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (dest / "modules.json").write_text(json.dumps(modules))
+    return dest
+
+
+def _save_word_tokenizer(dest: Path, vocab_size: int) -> None:
+    """A tokenizer whose words are "t0", "t1", ...: the server needs one, the benchmark sends ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(dest / "tokenizer.json"))
