@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--server-args", default="", help="extra server flags, e.g. '--no-compile'")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/toolkit-bench"))
     parser.add_argument("--out", help="write results JSON here")
     parser.add_argument("--single-requests", type=int, default=200, help="lone short requests for p50")
@@ -162,10 +163,11 @@ def _torch_dtype(dtype: str, device: str):
 def start_server(model_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     from toolkit.utils import launch_server_cmd, wait_for_server
 
-    command = f"python3 -m toolkit.launch_server --model-path {model_dir} --log-level warning"
+    command = f"python3 -m toolkit.launch_server --model-path {model_dir} --log-level info"
     command += f" --dtype {args.dtype} --device {args.device}"
     if args.max_batch_tokens:
         command += f" --max-batch-tokens {args.max_batch_tokens}"
+    command += f" {args.server_args}"
     process, port = launch_server_cmd(command, host="127.0.0.1")
     url = f"http://127.0.0.1:{port}"
     wait_for_server(url, timeout=600, process=process)

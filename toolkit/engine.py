@@ -171,8 +171,9 @@ class Engine:
         if not ids:
             raise InvalidRequestError(f"{where} is an empty list of token ids", param="input")
         vocab = self.limits.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
+        # min/max run in C; only a failing list is scanned again, for the message.
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = next(t for t in ids if not 0 <= t < vocab)
             raise InvalidRequestError(
                 f"{where} holds token id {bad}, outside this model's vocabulary 0..{vocab - 1}",
                 param="input",

@@ -6,10 +6,12 @@ Inputs are concatenated without padding: `input_ids` and `position_ids` are flat
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
 
 
@@ -65,17 +67,19 @@ def pack(sequences: Sequence[Sequence[int]]) -> PackedBatch:
     """Concatenate token-id sequences (each non-empty) into one PackedBatch on the CPU."""
     if not sequences:
         raise ValueError("cannot pack an empty batch")
-    seqlens = [len(seq) for seq in sequences]
-    if min(seqlens) < 1:
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    if lengths.min() < 1:
         raise ValueError("cannot pack an empty sequence")
-    flat = [token for seq in sequences for token in seq]
-    cu_seqlens = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
-    torch.cumsum(torch.tensor(seqlens, dtype=torch.int32), 0, out=cu_seqlens[1:])
-    positions = torch.cat([torch.arange(n, dtype=torch.int32) for n in seqlens])
+    total = int(lengths.sum())
+    # numpy builds the flat arrays in C: no per-token Python work on the serving path.
+    flat = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=total)
+    cu_seqlens = np.zeros(len(sequences) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu_seqlens[1:])
+    positions = np.arange(total, dtype=np.int32) - np.repeat(cu_seqlens[:-1], lengths)
     return PackedBatch(
-        input_ids=torch.tensor(flat, dtype=torch.int32),
-        position_ids=positions,
-        cu_seqlens=cu_seqlens,
-        max_seqlen=max(seqlens),
-        seqlens=seqlens,
+        input_ids=torch.from_numpy(flat),
+        position_ids=torch.from_numpy(positions),
+        cu_seqlens=torch.from_numpy(cu_seqlens),
+        max_seqlen=int(lengths.max()),
+        seqlens=lengths.tolist(),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,7 +52,52 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+@dataclass
+class RunnerStats:
+    """Where serving time goes, for the shutdown summary and benchmarks."""
+
+    batches: int = 0
+    tokens: int = 0
+    launch_s: float = 0.0  # device-thread time: packing, copies, launching kernels
+    device_s: float = 0.0  # GPU time between a batch's first and last kernel (CUDA only)
+    first_launch: float | None = None
+    last_done: float = 0.0
+
+    def summary(self) -> str:
+        wall = self.last_done - self.first_launch if self.first_launch is not None else 0.0
+        busy = f", device busy {self.device_s / wall:.0%} of {wall:.1f} s" if self.device_s and wall else ""
+        return f"Served {self.batches} batches, {self.tokens} tokens; launch {self.launch_s:.2f} s{busy}"
+
+
+@dataclass
+class _Launched:
+    """A batch whose kernels are queued; its embeddings land in `host` once `done` fires."""
+
+    host: torch.Tensor  # [B, D] float32 on the CPU (pinned when copied from a GPU)
+    started: torch.cuda.Event | None
+    done: torch.cuda.Event | None
+
+    def results(self, stats: RunnerStats) -> list[ItemResult]:
+        if self.done is not None and self.started is not None:
+            self.done.synchronize()
+            stats.device_s += self.started.elapsed_time(self.done) / 1000
+        stats.last_done = time.perf_counter()
+        return list(self.host.numpy())
+
+
+# A launched batch, or the per-item errors of one that could not launch.
+_Part = _Launched | list[ItemResult]
+
+
 class Runner:
+    """Launches batches on one device thread and finishes them on another.
+
+    The device thread only queues work: it packs a batch, launches the forward and an
+    asynchronous copy of the embeddings to pinned memory, and moves on to the next batch. The
+    finishing thread waits for each copy and hands the rows out. So the GPU never idles while
+    Python packs the next batch or converts the last one.
+    """
+
     def __init__(
         self,
         model: LoadedModel,
@@ -65,61 +111,101 @@ class Runner:
         self.normalize_output = normalize_output
         # Tests inject faults here (e.g. raise torch.OutOfMemoryError for large batches).
         self.fault_hook: Callable[[PackedBatch], None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._finish_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._broken = threading.Event()
+        self.stats = RunnerStats()
 
     @property
     def alive(self) -> bool:
         return not self._broken.is_set()
 
     def submit(self, items: Sequence[WorkItem]) -> Future[list[ItemResult]]:
-        """Queue a batch on the device thread; the future holds one result per item."""
-        return self._executor.submit(self._run_guarded, list(items))
+        """Queue a batch; the future holds one result (a row or an error) per item."""
+        future: Future[list[ItemResult]] = Future()
+        self._device_thread.submit(self._launch_guarded, list(items), future)
+        return future
 
     def run(self, items: Sequence[WorkItem]) -> list[ItemResult]:
         """Run a batch on the calling thread (warm-up, tests)."""
-        return self._run_guarded(list(items))
+        return _collect(self._launch_splitting(list(items)), self.stats)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._device_thread.shutdown(wait=True, cancel_futures=True)
+        self._finish_thread.shutdown(wait=True, cancel_futures=True)
+        logger.info("%s", self.stats.summary())
 
-    def _run_guarded(self, items: list[WorkItem]) -> list[ItemResult]:
+    def _launch_guarded(self, items: list[WorkItem], future: Future[list[ItemResult]]) -> None:
         try:
-            return self._run_splitting(items)
+            parts = self._launch_splitting(items)
         except BaseException as exc:
             # Only non-Exception throwables (SystemExit, KeyboardInterrupt...) land here.
             self._broken.set()
             logger.critical("device thread stopped: %r", exc)
+            future.set_exception(exc)
             raise
+        self._finish_thread.submit(_finish, parts, future, self.stats)
 
-    def _run_splitting(self, items: list[WorkItem]) -> list[ItemResult]:
+    def _launch_splitting(self, items: list[WorkItem]) -> list[_Part]:
         try:
-            return list(self._forward(items))
+            return [self._launch(items)]
         except torch.OutOfMemoryError as exc:
             self._release_cached_memory()
             if len(items) == 1:
                 logger.error("out of memory on a single input of %d tokens", len(items[0].token_ids))
-                return [exc]
+                return [[exc]]
             half = len(items) // 2
             logger.warning("out of memory on a batch of %d inputs: splitting it", len(items))
-            return self._run_splitting(items[:half]) + self._run_splitting(items[half:])
+            return self._launch_splitting(items[:half]) + self._launch_splitting(items[half:])
         except Exception as exc:
             logger.exception("batch of %d inputs failed", len(items))
-            return [exc] * len(items)
+            return [[exc] * len(items)]
 
     @torch.inference_mode()
-    def _forward(self, items: list[WorkItem]) -> np.ndarray:
+    def _launch(self, items: list[WorkItem]) -> _Launched:
+        began = time.perf_counter()
+        if self.stats.first_launch is None:
+            self.stats.first_launch = began
         batch = pack([item.token_ids for item in items])
         if self.fault_hook is not None:
             self.fault_hook(batch)
+        self.stats.batches += 1
+        self.stats.tokens += batch.num_tokens
+        started = None
+        if self.device.type == "cuda":
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
         batch = batch.to(self.device)
         hidden = self.model.forward(batch)
         starts = [item.pool_start for item in items]
         embeddings = pool(hidden, batch, self.pooling_modes, starts)
         if self.normalize_output:
             embeddings = normalize(embeddings)
-        return embeddings.cpu().numpy()
+        if started is None:
+            self.stats.launch_s += time.perf_counter() - began
+            return _Launched(embeddings, None, None)
+        host = torch.empty(embeddings.shape, dtype=embeddings.dtype, pin_memory=True)
+        host.copy_(embeddings, non_blocking=True)
+        done = torch.cuda.Event(enable_timing=True)
+        done.record()
+        self.stats.launch_s += time.perf_counter() - began
+        return _Launched(host, started, done)
 
     def _release_cached_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _collect(parts: list[_Part], stats: RunnerStats) -> list[ItemResult]:
+    results: list[ItemResult] = []
+    for part in parts:
+        results.extend(part.results(stats) if isinstance(part, _Launched) else part)
+    return results
+
+
+def _finish(parts: list[_Part], future: Future[list[ItemResult]], stats: RunnerStats) -> None:
+    try:
+        future.set_result(_collect(parts, stats))
+    except Exception as exc:  # a CUDA error surfacing at synchronization
+        logger.exception("finishing a batch failed")
+        future.set_exception(exc)

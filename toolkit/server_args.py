@@ -28,7 +28,7 @@ class ServerArgs:
     context_length: int | None = None
     api_key: str | None = None
     log_level: str = "info"
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None
     max_queued_tokens: int = 1_048_576
     max_inputs_per_request: int = 2048
     max_request_bytes: int = 128 * 1024 * 1024
@@ -38,6 +38,7 @@ class ServerArgs:
     truncate: bool = False
     truncation_side: str = "right"
     warmup: bool = True
+    compile: bool | None = None
     listen_fd: int | None = None
 
     @property
@@ -95,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--context-length", type=_positive_int, help="max tokens per input (default: the model's)")
     add("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    add("--max-batch-tokens", type=_positive_int, default=16384, help="token budget of a batch")
+    add(
+        "--max-batch-tokens",
+        type=_positive_int,
+        help="token budget of a batch (default: 32768 on CUDA, 8192 on CPU)",
+    )
     add(
         "--max-queued-tokens",
         type=_positive_int,
@@ -114,4 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--truncation-side", default="right", choices=["left", "right"])
     add("--no-warmup", dest="warmup", action="store_false", help="skip the start-up warm-up")
+    add(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fuse the model's elementwise work with torch.compile (default: on for CUDA)",
+    )
     return parser

@@ -20,6 +20,7 @@ from toolkit.tokenization import TextTokenizer
 
 if TYPE_CHECKING:
     from toolkit.engine import Engine
+    from toolkit.runner import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
     from toolkit.batcher import Batcher
     from toolkit.engine import Engine, EngineLimits
     from toolkit.models import load_model
-    from toolkit.runner import Runner, WorkItem, pick_device, pick_dtype
+    from toolkit.runner import Runner, RunnerStats, pick_device, pick_dtype
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -71,10 +72,14 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
         time.perf_counter() - started,
     )
     spec = prepared.spec
+    compile_blocks = getattr(model.module, "compile_blocks", None)
+    if (args.compile if args.compile is not None else device.type == "cuda") and compile_blocks:
+        compile_blocks()
     runner = Runner(model, device, spec.pooling_modes, spec.normalize)
     context_length = _context_length(args, spec, model.max_input_tokens)
     if args.warmup:
-        runner.run([WorkItem(prepared.tokenizer.encode(["warm up"])[0])])
+        _warm_up(runner, prepared.tokenizer, context_length)
+        runner.stats = RunnerStats()  # count serving only
     limits = EngineLimits(
         context_length=context_length,
         vocab_size=_vocab_rows(model.module, prepared.tokenizer),
@@ -83,9 +88,26 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
         truncation_side=args.truncation_side,
         default_prompt_name=args.default_prompt_name or spec.default_prompt_name,
     )
-    batcher = Batcher(runner, args.max_batch_tokens, args.max_queued_tokens)
+    batch_tokens = args.max_batch_tokens or (32768 if device.type == "cuda" else 8192)
+    batcher = Batcher(runner, batch_tokens, args.max_queued_tokens)
     dim = model.hidden_size * len(spec.pooling_modes)
     return Engine(batcher, prepared.tokenizer, spec, limits, dim)
+
+
+def _warm_up(runner: Runner, tokenizer: TextTokenizer, context_length: int) -> None:
+    """Run the shapes serving will see first: one short input, then a mixed batch.
+
+    This is also when torch.compile compiles, so the first client does not pay for it.
+    """
+    from toolkit.runner import WorkItem
+
+    started = time.perf_counter()
+    short = tokenizer.encode(["warm up"])[0]
+    runner.run([WorkItem(short)])
+    runner.run([WorkItem(short[:1])])  # a one-token batch is its own compiled shape
+    mixed = [WorkItem((short * context_length)[:n]) for n in (2, 17, min(200, context_length))]
+    runner.run(mixed)
+    logger.info("Warm-up done in %.2f s.", time.perf_counter() - started)
 
 
 def _context_length(args: ServerArgs, spec: EmbeddingSpec, model_limit: int) -> int:

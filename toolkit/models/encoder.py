@@ -61,7 +61,7 @@ class EncoderConfig:
 
 
 _ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
+    "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
@@ -84,9 +84,19 @@ class EncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, batch: PackedBatch, bias: torch.Tensor | None) -> torch.Tensor:
         t, h, d = x.shape[0], self.cfg.n_heads, self.cfg.head_dim
         q, k, v = self.qkv(x).view(t, 3, h, d).unbind(1)  # each [T, H, d]
-        attn = packed_attention(q, k, v, batch, causal=False, bias=bias).reshape(t, h * d)
-        x = self.attn_norm(x + self.attn_out(attn))
+        attn = packed_attention(q, k, v, batch, causal=False, bias=bias)
+        return self.attention_output_and_mlp(x, attn)
+
+    # Pure tensor code after attention: `compile_blocks` fuses its bias, GELU, residual and
+    # LayerNorm passes with torch.compile.
+    def attention_output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        x = self.attn_norm(x + self.attn_out(attn.reshape(x.shape[0], -1)))
         return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))
+
+    def compile_blocks(self) -> None:
+        self.attention_output_and_mlp = torch.compile(  # type: ignore[method-assign]
+            self.attention_output_and_mlp, dynamic=True
+        )
 
 
 class Encoder(nn.Module):
@@ -99,6 +109,11 @@ class Encoder(nn.Module):
         self.emb_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
         self.relative_bias = nn.Embedding(cfg.relative_buckets, cfg.n_heads) if cfg.relative_buckets else None
+
+    def compile_blocks(self) -> None:
+        """Fuse the attention-free parts of every layer with torch.compile (CUDA serving)."""
+        for layer in self.layers:
+            layer.compile_blocks()
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:  # [T, D]
         positions = batch.position_ids.long() + self.cfg.position_offset
