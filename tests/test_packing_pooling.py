@@ -19,6 +19,7 @@ def test_pack_layout() -> None:
     assert batch.cu_seqlens.tolist() == [0, 3, 4, 9]
     assert batch.max_seqlen == 5 and batch.num_seqs == 3 and batch.num_tokens == 9
     assert batch.seq_index.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2]
+    assert batch.pool_starts.tolist() == [0, 0, 0] and not batch.skips_tokens
     mask = batch.key_padding_mask
     assert mask.sum(dim=1).tolist() == [3, 1, 5]
     assert mask[0].tolist() == [True, True, True, False, False]
@@ -54,10 +55,9 @@ def padded_reference(hidden: torch.Tensor, lengths: list[int], mode: str, start:
 @pytest.mark.parametrize("start", [0, 2])
 def test_packed_pooling_equals_padded(mode: str, start: int) -> None:
     torch.manual_seed(0)
-    batch = pack(SEQS)
+    batch = pack(SEQS, [start] * len(SEQS))
     hidden = torch.randn(batch.num_tokens, 8)
-    starts = [start] * batch.num_seqs
-    got = pool(hidden, batch, [mode], starts)
+    got = pool(hidden, batch, [mode])
     expected = padded_reference(hidden, batch.seqlens, mode, start)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 

@@ -1,8 +1,8 @@
 """Pooling over packed hidden states, read from `cu_seqlens` (no padding involved).
 
-Each mode reproduces sentence-transformers' `Pooling` module. `pool_starts` (tokens to skip at the
-start of each sequence) implements `include_prompt=False`: prompt tokens are left out of the
-pooled tokens, as sentence-transformers masks them. Several modes are concatenated in order.
+Each mode reproduces sentence-transformers' `Pooling` module. The batch's `pool_starts` (tokens
+to skip at the start of each sequence) implement `include_prompt=False`: prompt tokens are left
+out of the pooled tokens, as sentence-transformers masks them. Several modes are concatenated in order.
 """
 
 from __future__ import annotations
@@ -14,17 +14,10 @@ import torch
 from toolkit.packing import PackedBatch
 
 
-def pool(
-    hidden: torch.Tensor,
-    batch: PackedBatch,
-    modes: Sequence[str],
-    pool_starts: Sequence[int] | None = None,
-) -> torch.Tensor:
+def pool(hidden: torch.Tensor, batch: PackedBatch, modes: Sequence[str]) -> torch.Tensor:
     """hidden [T, D] → [B, D * len(modes)] in float32."""
     hidden = hidden.float()
-    starts = None
-    if pool_starts is not None and any(pool_starts):
-        starts = torch.tensor(pool_starts, dtype=torch.long, device=hidden.device)
+    starts = batch.pool_starts.long() if batch.skips_tokens else None
     return torch.cat([_pool_one(hidden, batch, mode, starts) for mode in modes], dim=-1)
 
 
@@ -36,7 +29,7 @@ def _pool_one(
         return hidden[batch.cu_seqlens[1:].long() - 1]
     if mode == "cls":
         if starts is not None:
-            lengths = torch.tensor(batch.seqlens, device=hidden.device)
+            lengths = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
             first = first + torch.where(lengths > starts, starts, 0)
         return hidden[first]
     keep = None

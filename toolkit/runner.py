@@ -166,7 +166,7 @@ class Runner:
         began = time.perf_counter()
         if self.stats.first_launch is None:
             self.stats.first_launch = began
-        batch = pack([item.token_ids for item in items])
+        batch = pack([item.token_ids for item in items], [item.pool_start for item in items])
         if self.fault_hook is not None:
             self.fault_hook(batch)
         self.stats.batches += 1
@@ -177,8 +177,7 @@ class Runner:
             started.record()
         batch = batch.to(self.device)
         hidden = self.model.forward(batch)
-        starts = [item.pool_start for item in items]
-        embeddings = pool(hidden, batch, self.pooling_modes, starts)
+        embeddings = pool(hidden, batch, self.pooling_modes)
         if self.normalize_output:
             embeddings = normalize(embeddings)
         if started is None:
