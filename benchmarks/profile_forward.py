@@ -1,0 +1,77 @@
+"""Where a forward pass spends its time, outside HTTP: one short input and one full batch.
+
+    python benchmarks/profile_forward.py --shape gte-qwen2-1.5b
+
+Times the runner's launch-to-result path (pack, copy, forward, pool, copy back) eager and
+compiled, and prints the profiler's top operators for the short input, whose latency is all
+launch overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.shapes import SHAPES, build_shape
+from toolkit.model_spec import read_embedding_spec
+from toolkit.models import load_model
+from toolkit.runner import Runner, WorkItem
+
+
+def timed(runner: Runner, items: list[WorkItem], repeats: int) -> float:
+    runner.run(items)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        runner.run(items)
+    return (time.perf_counter() - started) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache/toolkit-bench"))
+    args = parser.parse_args()
+    model_dir = build_shape(args.shape, Path(args.cache_dir) / args.shape, device="cuda")
+    spec = read_embedding_spec(model_dir)
+    rng = random.Random(0)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    short = [WorkItem([rng.randrange(1000, vocab) for _ in range(8)])]
+    full, tokens = [], 0
+    while tokens < 32768 - 512:
+        n = rng.randint(16, 512)
+        full.append(WorkItem([rng.randrange(1000, vocab) for _ in range(n)]))
+        tokens += n
+    for compiled in (False, True):
+        model = load_model(model_dir, torch.device("cuda"), torch.bfloat16)
+        if compiled:
+            model.module.compile_blocks()
+        runner = Runner(model, torch.device("cuda"), spec.pooling_modes, spec.normalize)
+        runner.run(short)
+        runner.run(full)
+        short_s, full_s = timed(runner, short, 50), timed(runner, full, 5)
+        label = "compiled" if compiled else "eager"
+        print(
+            f"{args.shape} {label:8s}: 8-token input {1000 * short_s:.2f} ms; "
+            f"{tokens}-token batch {1000 * full_s:.1f} ms = {tokens / full_s:,.0f} tok/s",
+            flush=True,
+        )
+        if compiled:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    runner.run(short)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        runner.shutdown()
+        del model, runner
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
