@@ -73,7 +73,8 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
     )
     spec = prepared.spec
     compile_blocks = getattr(model.module, "compile_blocks", None)
-    if (args.compile if args.compile is not None else device.type == "cuda") and compile_blocks:
+    wanted = args.compile if args.compile is not None else device.type == "cuda" and model.compile_pays_off
+    if wanted and compile_blocks is not None:
         compile_blocks()
     runner = Runner(model, device, spec.pooling_modes, spec.normalize)
     context_length = _context_length(args, spec, model.max_input_tokens)
