@@ -50,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--server-args", default="", help="extra server flags, e.g. '--no-compile'")
+    parser.add_argument(
+        "--py-spy", help="record the server with py-spy during the last run (raw stacks file)"
+    )
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/toolkit-bench"))
     parser.add_argument("--out", help="write results JSON here")
     parser.add_argument("--single-requests", type=int, default=200, help="lone short requests for p50")
@@ -301,7 +304,11 @@ def main() -> None:
     try:
         payload_inputs = texts if use_texts else inputs
         asyncio.run(drive(url, payloads_for(payload_inputs[:256], args.inputs_per_request), 8))  # warm-up
-        for concurrency in [int(x) for x in args.concurrency.split(",")]:
+        levels = [int(x) for x in args.concurrency.split(",")]
+        for concurrency in levels:
+            spy = (
+                _start_py_spy(process.pid, args.py_spy) if args.py_spy and concurrency == levels[-1] else None
+            )
             run = asyncio.run(drive(url, payloads_for(payload_inputs, args.inputs_per_request), concurrency))
             run |= {
                 "concurrency": concurrency,
@@ -309,6 +316,8 @@ def main() -> None:
                 "seqs_per_s": len(inputs) / run["elapsed_s"],
             }
             results["runs"].append(run)
+            if spy is not None:
+                spy.wait()
             print(f"  concurrency {concurrency}: {run['tokens_per_s']:,.0f} tok/s", flush=True)
         short = [
             {"input": payload_inputs[0] if use_texts else inputs[0][:8]} for _ in range(args.single_requests)
@@ -321,6 +330,13 @@ def main() -> None:
     report(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def _start_py_spy(pid: int, output: str) -> subprocess.Popen:
+    """Sample every server thread for 8 s (GIL holders and idle threads alike) into a raw stacks file."""
+    command = ["py-spy", "record", "--pid", str(pid), "--duration", "8", "--rate", "250"]
+    command += ["--format", "raw", "--output", output, "--threads", "--idle", "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL)
 
 
 def _workload(model_dir: Path, vocab: int, args: argparse.Namespace, use_texts: bool):
