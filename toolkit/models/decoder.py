@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.models.attention import packed_attention
+from toolkit.models.layers import uninitialized_embedding
 from toolkit.packing import PackedBatch
 
 
@@ -146,7 +147,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = uninitialized_embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 

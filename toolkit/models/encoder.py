@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.models.attention import packed_attention
+from toolkit.models.layers import uninitialized_embedding
 from toolkit.packing import PackedBatch
 
 
@@ -103,12 +104,16 @@ class Encoder(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos_embeddings = nn.Embedding(cfg.max_positions, cfg.dim)
-        self.type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.dim) if cfg.type_vocab_size else None
+        self.tok_embeddings = uninitialized_embedding(cfg.vocab_size, cfg.dim)
+        self.pos_embeddings = uninitialized_embedding(cfg.max_positions, cfg.dim)
+        self.type_embeddings = (
+            uninitialized_embedding(cfg.type_vocab_size, cfg.dim) if cfg.type_vocab_size else None
+        )
         self.emb_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
-        self.relative_bias = nn.Embedding(cfg.relative_buckets, cfg.n_heads) if cfg.relative_buckets else None
+        self.relative_bias = (
+            uninitialized_embedding(cfg.relative_buckets, cfg.n_heads) if cfg.relative_buckets else None
+        )
 
     def compile_blocks(self) -> None:
         """Fuse the attention-free parts of every layer with torch.compile (CUDA serving)."""
