@@ -30,6 +30,7 @@ import json
 import math
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -136,6 +137,35 @@ def build_tiny_model(
     return dest
 
 
+def build_fallback_model(dest: Path, *, seed: int = 0) -> Path:
+    """A tiny DistilBERT with the BERT tokenizer in ``dest``: an encoder without a native forward.
+
+    DistilBERT keeps BERT's WordPiece vocabulary but names its weights differently and has no
+    token types, so a server must run it through ``transformers.AutoModel``.
+    """
+    from transformers import AutoModel, DistilBertConfig
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer, _ = _wordpiece_tokenizer("bert")
+    tokenizer.save_pretrained(dest)
+    config = DistilBertConfig(
+        vocab_size=len(tokenizer),
+        dim=_ENCODER_SHAPE["hidden_size"],
+        n_layers=_ENCODER_SHAPE["num_hidden_layers"],
+        n_heads=_ENCODER_SHAPE["num_attention_heads"],
+        hidden_dim=_ENCODER_SHAPE["intermediate_size"],
+        max_position_embeddings=_ENCODER_MAX_LEN,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = AutoModel.from_config(config)
+    _randomize(model, seed)
+    model.save_pretrained(dest)
+    write_sentence_transformers_files(
+        dest, dimension=config.dim, pooling="mean", normalize=True, max_seq_length=_ENCODER_MAX_LEN
+    )
+    return dest
+
+
 def write_sentence_transformers_files(
     dest: Path, *, dimension: int, pooling: str, normalize: bool, max_seq_length: int
 ) -> None:
@@ -196,12 +226,16 @@ def reference_embeddings(
     texts: list[str],
     *,
     prompt: str | None = None,
+    prompt_name: str | None = None,
+    truncation_side: str = "right",
     dtype: torch.dtype = torch.float32,
     batch_size: int = 32,
 ) -> torch.Tensor:
     """Embeddings as sentence-transformers computes them, float32 [N, D].
 
     Texts go through ``SentenceTransformer.encode`` as plain strings, in padded batches.
+    sentence-transformers always truncates to ``max_seq_length``; ``truncation_side="left"`` sets
+    its tokenizer to cut from the start instead.
     """
     from sentence_transformers import SentenceTransformer
 
@@ -212,9 +246,11 @@ def reference_embeddings(
             f"sentence-transformers would render plain text through the chat template of "
             f"{model_dir} (modality_config={modalities}); the reference must embed plain text"
         )
+    model.tokenizer.truncation_side = truncation_side
     embeddings = model.encode(
         texts,
         prompt=prompt,
+        prompt_name=prompt_name,
         batch_size=batch_size,
         convert_to_tensor=True,
         show_progress_bar=False,
@@ -229,20 +265,28 @@ def transformers_reference(
     normalize: bool,
     *,
     prompt: str | None = None,
+    include_prompt: bool = True,
     max_length: int | None = None,
+    truncation_side: str = "right",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Embeddings from plain ``AutoModel`` + ``AutoTokenizer``, one unpadded text at a time.
 
     ``max_length`` defaults to the directory's ``max_seq_length``; the prompt is prepended to the
-    text before tokenizing and truncating, as sentence-transformers does.
+    text before tokenizing and truncating, as sentence-transformers does. With ``include_prompt``
+    False the prompt's tokens are left out of the pool, counted as sentence-transformers counts
+    them: the prompt tokenized alone, less a trailing special token.
     """
     from transformers import AutoModel, AutoTokenizer
 
     if max_length is None:
         max_length = read_sentence_transformers_settings(model_dir).max_seq_length
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, truncation_side=truncation_side)
     model = AutoModel.from_pretrained(model_dir, dtype=dtype).eval()
+    skip = 0
+    if prompt and not include_prompt:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        skip = len(prompt_ids) - (prompt_ids[-1] in tokenizer.all_special_ids)
     rows = []
     for text in texts:
         batch = tokenizer(
@@ -253,18 +297,21 @@ def transformers_reference(
         )
         with torch.inference_mode():
             hidden = model(**batch).last_hidden_state
-        rows.append(pool(hidden.float(), batch["attention_mask"], pooling)[0])
+        rows.append(pool(hidden.float(), batch["attention_mask"], pooling, skip=skip)[0])
     embeddings = torch.stack(rows)
     return F.normalize(embeddings, p=2, dim=-1) if normalize else embeddings
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, *, skip: int = 0) -> torch.Tensor:
     """Pool ``hidden`` [B, L, D] over ``mask`` [B, L] (1 = real token) into [B, D].
 
     Padding may sit on either side; positions come from the mask, never from token ids, because
-    several decoders pad with their EOS token.
+    several decoders pad with their EOS token. The first ``skip`` real tokens (a prompt) are left
+    out, yet still count for weightedmean's weights, as in sentence-transformers.
     """
     rows = torch.arange(hidden.shape[0])
+    rank = mask.long().cumsum(dim=1)  # 1, 2, ... counted from the first real token
+    mask = mask * (rank > skip)
     weights = mask.to(hidden.dtype).unsqueeze(-1)
     lengths = weights.sum(dim=1)
     if mode == "cls":
@@ -279,7 +326,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         return (hidden * weights).sum(dim=1) / lengths.sqrt()
     if mode == "weightedmean":
         # Weights 1, 2, ... counted from the first real token, whatever the padding side.
-        ranks = mask.to(hidden.dtype).cumsum(dim=1).unsqueeze(-1) * weights
+        ranks = rank.to(hidden.dtype).unsqueeze(-1) * weights
         return (hidden * ranks).sum(dim=1) / ranks.sum(dim=1)
     raise ValueError(f"unknown pooling {mode!r}; expected one of {POOLING_MODES}")
 
@@ -402,8 +449,22 @@ def _trained_model_json(tokenizer: Any, trainer: Any) -> dict[str, Any]:
     return json.loads(tokenizer.to_str())["model"]
 
 
+def _word_counts(pipeline: Any) -> Counter[str]:
+    """Words of the corpus as the tokenizer's own normalizer and pre-tokenizer see them."""
+    counts: Counter[str] = Counter()
+    for line in _corpus():
+        text = pipeline.normalizer.normalize_str(line) if pipeline.normalizer else line
+        counts.update(word for word, _ in pipeline.pre_tokenizer.pre_tokenize_str(text))
+    return counts
+
+
+def _frequent_first(counts: Counter[str], limit: int) -> list[str]:
+    # Ties broken by the text itself: the tokenizers trainers break them in hash order, which
+    # made two builds of "the same" model differ.
+    return sorted(counts, key=lambda word: (-counts[word], word))[:limit]
+
+
 def _wordpiece_tokenizer(family: str) -> tuple[Any, dict[str, Any]]:
-    from tokenizers import Tokenizer, models, trainers
     from transformers import BertTokenizer, MPNetTokenizer
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -411,13 +472,12 @@ def _wordpiece_tokenizer(family: str) -> tuple[Any, dict[str, Any]]:
         # MPNet keeps BERT's WordPiece vocabulary but puts RoBERTa's specials first (pad id 1);
         # <mask> is the last id, as in the published checkpoints.
         specials = ["<s>", "<pad>", "</s>", "[UNK]"]
-    pipeline = BertTokenizer().backend_tokenizer  # MPNet normalizes and splits the same way
-    trainee = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    trainee.normalizer, trainee.pre_tokenizer = pipeline.normalizer, pipeline.pre_tokenizer
-    vocab = _trained_model_json(
-        trainee,
-        trainers.WordPieceTrainer(vocab_size=_VOCAB_SIZE, special_tokens=specials, show_progress=False),
-    )["vocab"]
+    counts = _word_counts(BertTokenizer().backend_tokenizer)  # MPNet normalizes and splits the same way
+    # Every character, alone and as a continuation, so any word can be spelled; then whole words.
+    chars = sorted({char for word in counts for char in word})
+    tokens = specials + chars + [f"##{char}" for char in chars]
+    tokens += [w for w in _frequent_first(counts, _VOCAB_SIZE) if w not in set(tokens)][: _VOCAB_SIZE // 2]
+    vocab = {token: index for index, token in enumerate(tokens)}
     if family == "mpnet":
         vocab["<mask>"] = len(vocab)
         return MPNetTokenizer(vocab=vocab, model_max_length=_ENCODER_MAX_LEN), {}
@@ -425,19 +485,17 @@ def _wordpiece_tokenizer(family: str) -> tuple[Any, dict[str, Any]]:
 
 
 def _xlm_roberta_tokenizer() -> tuple[Any, dict[str, Any]]:
-    from tokenizers import Tokenizer, models, trainers
     from transformers import XLMRobertaTokenizer
 
-    trainee = Tokenizer(models.Unigram())
-    trainee.pre_tokenizer = XLMRobertaTokenizer().backend_tokenizer.pre_tokenizer
-    specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    pieces = _trained_model_json(
-        trainee,
-        trainers.UnigramTrainer(
-            vocab_size=_VOCAB_SIZE, special_tokens=specials, unk_token="<unk>", show_progress=False
-        ),
-    )["vocab"]
-    vocab = [(piece, score) for piece, score in pieces] + [("<mask>", 0.0)]
+    counts = _word_counts(XLMRobertaTokenizer().backend_tokenizer)
+    total = sum(counts.values())
+    chars = Counter(char for word, n in counts.items() for char in word for _ in range(n))
+    specials = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    # Unigram scores are log-probabilities; rounded, so the file is the same on every build.
+    pieces = [(char, round(math.log(n / total) - 5.0, 4)) for char, n in sorted(chars.items())]
+    words = _frequent_first(counts, _VOCAB_SIZE // 2)
+    pieces += [(word, round(math.log(counts[word] / total), 4)) for word in words if len(word) > 1]
+    vocab = specials + pieces + [("<mask>", 0.0)]
     return XLMRobertaTokenizer(vocab=vocab, model_max_length=_ENCODER_MAX_LEN), {}
 
 

@@ -108,7 +108,10 @@ class Engine:
                 )
         prompt = self._resolve_prompt(request)
         if self.spec.do_lower_case:
+            # sentence-transformers lowercases in the tokenizer's normalizer, so the prompt too
+            # (and the prompt length it pools past is counted on the lowercased prompt).
             texts = [text.lower() for text in texts]
+            prompt = prompt.lower() if prompt else prompt
         if prompt:
             texts = [prompt + text for text in texts]
         # Rust tokenization releases the GIL: run it beside the event loop, not on it.

@@ -36,7 +36,8 @@ def load_transformers_model(
     return LoadedModel(
         forward=forward,
         module=model,
-        hidden_size=int(hf["hidden_size"]),
-        max_input_tokens=int(hf.get("max_position_embeddings", 512)),
+        # Read through the transformers config, which maps family names (DistilBERT's `dim`).
+        hidden_size=int(model.config.hidden_size),
+        max_input_tokens=int(getattr(model.config, "max_position_embeddings", 512)),
         implementation="transformers",
     )
