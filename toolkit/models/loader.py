@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from tqdm import tqdm
 
 from toolkit.errors import ModelLoadError
 from toolkit.models.decoder import Decoder, DecoderConfig, decoder_state_dict
@@ -103,7 +104,7 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
             f"no *.safetensors weights in {model_dir} (only safetensors checkpoints are loaded)"
         )
     weights: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard"):
         weights.update(load_file(file))
     return weights
 
