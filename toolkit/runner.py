@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ import torch
 from toolkit.models import LoadedModel
 from toolkit.packing import PackedBatch, pack
 from toolkit.pooling import normalize, pool
+
+if TYPE_CHECKING:
+    from toolkit.cuda_graphs import SingleInputGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +119,7 @@ class Runner:
         self._finish_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._broken = threading.Event()
         self.stats = RunnerStats()
+        self.graphs: SingleInputGraphs | None = None
 
     @property
     def alive(self) -> bool:
@@ -175,11 +180,9 @@ class Runner:
         if self.device.type == "cuda":
             started = torch.cuda.Event(enable_timing=True)
             started.record()
-        batch = batch.to(self.device)
-        hidden = self.model.forward(batch)
-        embeddings = pool(hidden, batch, self.pooling_modes)
-        if self.normalize_output:
-            embeddings = normalize(embeddings)
+        embeddings = self.graphs.run(batch) if self.graphs is not None else None
+        if embeddings is None:
+            embeddings = self.embed(batch.to(self.device))
         if started is None:
             self.stats.launch_s += time.perf_counter() - began
             return _Launched(embeddings, None, None)
@@ -189,6 +192,20 @@ class Runner:
         done.record()
         self.stats.launch_s += time.perf_counter() - began
         return _Launched(host, started, done)
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """The device work of a batch already on the device: forward, pooling, normalization."""
+        hidden = self.model.forward(batch)
+        embeddings = pool(hidden, batch, self.pooling_modes)
+        return normalize(embeddings) if self.normalize_output else embeddings
+
+    def capture_graphs(self, sample_ids: list[int], max_tokens: int) -> None:
+        """Serve lone short inputs by CUDA graph replay (CUDA only)."""
+        from toolkit.cuda_graphs import SingleInputGraphs
+
+        graphs = SingleInputGraphs(self.embed, self.device)
+        graphs.capture(sample_ids, max_tokens)
+        self.graphs = graphs if graphs.graphs else None
 
     def _release_cached_memory(self) -> None:
         if self.device.type == "cuda":
