@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from toolkit.errors import InferenceError, OverloadedError, ServiceUnavailableError
 from toolkit.runner import ItemResult, Runner, WorkItem
+
+if TYPE_CHECKING:
+    from toolkit.metrics import RequestTiming
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +32,8 @@ _IN_FLIGHT_BATCHES = 2
 class Entry:
     item: WorkItem
     future: asyncio.Future[ItemResult] = field(repr=False)
+    timing: RequestTiming | None = field(default=None, repr=False)
+    waiting: bool = True  # counted in the queue budget until taken or withdrawn
 
     @property
     def num_tokens(self) -> int:
@@ -34,12 +41,24 @@ class Entry:
 
 
 class Batcher:
-    def __init__(self, runner: Runner, max_batch_tokens: int, max_queued_tokens: int) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        max_batch_tokens: int,
+        max_queued_tokens: int,
+        max_queued_inputs: int | None = None,
+    ) -> None:
         self.runner = runner
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_tokens = max_queued_tokens
+        self.max_queued_inputs = max_queued_inputs
+        # Metrics hook: called once per finished batch with (inputs, tokens, seconds).
+        self.on_batch: Callable[[int, int, float], None] | None = None
         self._queue: deque[Entry] = deque()
+        # Budget counters cover waiting entries only: a cancelled request frees its share at
+        # once, though its entries stay in the deque until the loop passes them.
         self._queued_tokens = 0
+        self._queued_inputs = 0
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(_IN_FLIGHT_BATCHES)
         self._task: asyncio.Task[None] | None = None
@@ -47,7 +66,7 @@ class Batcher:
 
     @property
     def queued_inputs(self) -> int:
-        return len(self._queue)
+        return self._queued_inputs
 
     @property
     def queued_tokens(self) -> int:
@@ -60,6 +79,7 @@ class Batcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        self._task.add_done_callback(self._loop_ended)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -67,17 +87,36 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._fail_queued(ServiceUnavailableError("the server is shutting down"))
 
-    def submit(self, items: Sequence[WorkItem]) -> list[asyncio.Future[ItemResult]]:
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        # Should the loop ever die, nothing would take the queue again: fail it instead of hanging.
+        if not task.cancelled():
+            logger.critical("the batcher stopped: %r", task.exception())
+            self._fail_queued(ServiceUnavailableError("the inference worker is not running"))
+
+    def submit(
+        self, items: Sequence[WorkItem], timing: RequestTiming | None = None
+    ) -> list[asyncio.Future[ItemResult]]:
         """Admit all items or none: refused with 429 when the queue would exceed its budget."""
         if not self.alive:
             raise ServiceUnavailableError("the inference worker is not running")
         tokens = sum(len(item.token_ids) for item in items)
         if self._queued_tokens and self._queued_tokens + tokens > self.max_queued_tokens:
             raise OverloadedError(f"the server has {self._queued_tokens} tokens queued; retry shortly")
+        if (
+            self.max_queued_inputs is not None
+            and self._queued_inputs
+            and self._queued_inputs + len(items) > self.max_queued_inputs
+        ):
+            raise OverloadedError(f"the server has {self._queued_inputs} inputs queued; retry shortly")
         loop = asyncio.get_running_loop()
-        entries = [Entry(item, loop.create_future()) for item in items]
+        entries = [Entry(item, loop.create_future(), timing) for item in items]
+        if timing is not None:
+            timing.admitted = time.perf_counter()
+        for entry in entries:
+            entry.future.add_done_callback(lambda _, entry=entry: self._withdraw(entry))
         self._queue.extend(entries)
         self._queued_tokens += tokens
+        self._queued_inputs += len(entries)
         self._wakeup.set()
         return [entry.future for entry in entries]
 
@@ -101,12 +140,12 @@ class Batcher:
             entry = self._queue[0]
             if entry.future.done():  # the client went away: never reaches the device
                 self._queue.popleft()
-                self._queued_tokens -= entry.num_tokens
+                self._withdraw(entry)
                 continue
             if batch and tokens + entry.num_tokens > self.max_batch_tokens:
                 break
             self._queue.popleft()
-            self._queued_tokens -= entry.num_tokens
+            self._withdraw(entry)
             batch.append(entry)
             tokens += entry.num_tokens
         if batch:
@@ -114,30 +153,50 @@ class Batcher:
                 "Batch. #seq: %d, #token: %d, #queue-seq: %d, #queue-token: %d",
                 len(batch),
                 tokens,
-                len(self._queue),
+                self._queued_inputs,
                 self._queued_tokens,
             )
         return batch
 
     async def _run(self, batch: list[Entry]) -> None:
         results: list[ItemResult]
+        started = time.perf_counter()
+        _stamp_batched(batch, started)
         try:
             results = await asyncio.wrap_future(self.runner.submit([e.item for e in batch]))
         except asyncio.CancelledError:
             results = [ServiceUnavailableError("the server is shutting down")] * len(batch)
             raise
-        except Exception as exc:  # the device thread is gone
+        except BaseException as exc:  # the device thread is gone; its SystemExit arrives here as a value
             logger.error("batch could not run: %r", exc)
             results = [ServiceUnavailableError("the inference worker is not running")] * len(batch)
+            if not self.runner.alive:  # nothing queued will ever run: fail it now, not on a timeout
+                self._fail_queued(ServiceUnavailableError("the inference worker is not running"))
         finally:
             self._slots.release()
             for entry, result in zip(batch, results, strict=True):
                 _resolve(entry.future, result)
+        if self.on_batch is not None:
+            self.on_batch(len(batch), sum(e.num_tokens for e in batch), time.perf_counter() - started)
+
+    def _withdraw(self, entry: Entry) -> None:
+        """Take an entry out of the queue budget (once): it was batched, cancelled or failed."""
+        if entry.waiting:
+            entry.waiting = False
+            self._queued_tokens -= entry.num_tokens
+            self._queued_inputs -= 1
 
     def _fail_queued(self, error: Exception) -> None:
         while self._queue:
-            _resolve(self._queue.popleft().future, error)
-        self._queued_tokens = 0
+            entry = self._queue.popleft()
+            self._withdraw(entry)
+            _resolve(entry.future, error)
+
+
+def _stamp_batched(batch: list[Entry], now: float) -> None:
+    for entry in batch:
+        if entry.timing is not None and entry.timing.batched is None:
+            entry.timing.batched = now
 
 
 def _resolve(future: asyncio.Future[ItemResult], result: ItemResult | BaseException) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from toolkit.errors import ContextLengthExceededError, InvalidRequestError
 from toolkit.model_spec import EmbeddingSpec
 from toolkit.runner import WorkItem
 from toolkit.tokenization import TextTokenizer
+
+if TYPE_CHECKING:
+    from toolkit.metrics import RequestTiming
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class EngineLimits:
     truncate: bool
     truncation_side: str
     default_prompt_name: str | None
+    max_tokens_per_request: int | None = None
 
 
 class Engine:
@@ -68,10 +73,12 @@ class Engine:
         self.limits = limits
         self.embedding_dim = embedding_dim
 
-    async def embed(self, request: EmbedRequest) -> EmbedResult:
+    async def embed(self, request: EmbedRequest, timing: RequestTiming | None = None) -> EmbedResult:
+        """`timing`, when given, is stamped on admission and batching (see toolkit.metrics)."""
         self._check_dimensions(request.dimensions)
         items = await self._work_items(request)
-        futures = self.batcher.submit(items)
+        self._check_total_tokens(items, request.param)
+        futures = self.batcher.submit(items, timing)
         try:
             rows = await asyncio.gather(*futures)
         finally:
@@ -94,7 +101,7 @@ class Engine:
                 )
             self._check_count(len(request.token_ids), request.param)
             for index, ids in enumerate(request.token_ids):
-                self._check_token_ids(ids, f"{request.param}[{index}]")
+                self._check_token_ids(ids, f"{request.param}[{index}]", request.param)
             return [WorkItem(ids) for ids in request.token_ids]
         raise InvalidRequestError(f"'{request.param}' is required", param=request.param)
 
@@ -170,22 +177,32 @@ class Engine:
                 param=param,
             )
 
-    def _check_token_ids(self, ids: Sequence[int], where: str) -> None:
+    def _check_total_tokens(self, items: Sequence[WorkItem], param: str) -> None:
+        limit = self.limits.max_tokens_per_request
+        total = sum(len(item.token_ids) for item in items)
+        if limit is not None and total > limit:
+            raise InvalidRequestError(
+                f"'{param}' holds {total} tokens in all; at most {limit} are allowed per request",
+                param=param,
+                code="max_tokens_per_request_exceeded",
+            )
+
+    def _check_token_ids(self, ids: Sequence[int], where: str, param: str) -> None:
         if not ids:
-            raise InvalidRequestError(f"{where} is an empty list of token ids", param="input")
+            raise InvalidRequestError(f"{where} is an empty list of token ids", param=param)
         vocab = self.limits.vocab_size
         # min/max run in C; only a failing list is scanned again, for the message.
         if min(ids) < 0 or max(ids) >= vocab:
             bad = next(t for t in ids if not 0 <= t < vocab)
             raise InvalidRequestError(
                 f"{where} holds token id {bad}, outside this model's vocabulary 0..{vocab - 1}",
-                param="input",
+                param=param,
             )
         if len(ids) > self.limits.context_length:
             raise ContextLengthExceededError(
                 f"{where} has {len(ids)} tokens, more than this model's context length of "
                 f"{self.limits.context_length}",
-                param="input",
+                param=param,
             )
 
     def _check_dimensions(self, dimensions: int | None) -> None:

@@ -74,6 +74,10 @@ class PayloadTooLargeError(ToolkitError):
     error_type = "invalid_request_error"
     default_code = "payload_too_large"
 
+    def headers(self) -> dict[str, str]:
+        # The rest of the body was never read: the connection cannot carry another request.
+        return {"Connection": "close"}
+
 
 class UnsupportedMediaTypeError(ToolkitError):
     status_code = 415
@@ -108,6 +112,26 @@ class ServiceUnavailableError(ToolkitError):
     status_code = 503
     error_type = "server_error"
     default_code = "service_unavailable"
+
+
+class ShuttingDownError(ServiceUnavailableError):
+    """Refused during the drain after SIGTERM: the client should go to another server or retry."""
+
+    default_code = "shutting_down"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close", "Retry-After": "1"}
+
+
+class ClientDisconnectedError(ToolkitError):
+    """The client went away before its answer was ready; nobody reads this, but logs and metrics do.
+
+    499 is nginx's "client closed request", the usual way to count such requests.
+    """
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    default_code = "client_disconnected"
 
 
 class ModelLoadError(Exception):

@@ -30,8 +30,12 @@ class ServerArgs:
     log_level: str = "info"
     max_batch_tokens: int | None = None
     max_queued_tokens: int = 1_048_576
+    max_queued_inputs: int = 65_536
     max_inputs_per_request: int = 2048
+    max_tokens_per_request: int = 300_000
     max_request_bytes: int = 128 * 1024 * 1024
+    drain_timeout: float = 30.0
+    cors_allow_origins: tuple[str, ...] = ()
     pooling: str | None = None
     normalize: bool | None = None
     default_prompt_name: str | None = None
@@ -39,6 +43,7 @@ class ServerArgs:
     truncation_side: str = "right"
     warmup: bool = True
     compile: bool | None = None
+    cuda_graphs: bool = True
     listen_fd: int | None = None
 
     @property
@@ -74,6 +79,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    return tuple(origin.strip() for origin in text.split(",") if origin.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m toolkit.launch_server",
@@ -107,8 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=1_048_576,
         help="tokens waiting at most; beyond it requests get 429",
     )
+    add(
+        "--max-queued-inputs",
+        type=_positive_int,
+        default=65_536,
+        help="inputs waiting at most; beyond it requests get 429",
+    )
     add("--max-inputs-per-request", type=_positive_int, default=2048)
-    add("--max-request-bytes", type=_positive_int, default=128 * 1024 * 1024)
+    add(
+        "--max-tokens-per-request",
+        type=_positive_int,
+        default=300_000,
+        help="tokens of all inputs of one request together, as OpenAI caps them; beyond it 400",
+    )
+    add("--max-request-bytes", type=_positive_int, default=128 * 1024 * 1024, help="beyond it 413")
+    add(
+        "--drain-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds that SIGTERM waits for admitted requests to finish before exiting",
+    )
+    add(
+        "--cors-allow-origins",
+        type=_origins,
+        default=(),
+        help="comma-separated origins that browsers may call from ('*' for any); default: CORS off",
+    )
     add("--pooling", choices=POOLING_MODES, help="override the model's pooling")
     add("--normalize", action=argparse.BooleanOptionalAction, default=None)
     add("--default-prompt-name", help="a key of the model's prompts applied when none is asked")
@@ -123,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fuse the model's elementwise work with torch.compile (default: on for CUDA)",
+        help="fuse the model's elementwise work with torch.compile (default: on for CUDA decoders)",
+    )
+    add(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay CUDA graphs for lone short inputs (CUDA only; default on)",
     )
     return parser

@@ -74,13 +74,17 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
     spec = prepared.spec
     compile_blocks = getattr(model.module, "compile_blocks", None)
     wanted = args.compile if args.compile is not None else device.type == "cuda" and model.compile_pays_off
-    if wanted and compile_blocks is not None:
-        compile_blocks()
+    compiled = bool(wanted) and compile_blocks is not None
+    if compiled:
+        compile_blocks()  # type: ignore[misc]
     runner = Runner(model, device, spec.pooling_modes, spec.normalize)
     context_length = _context_length(args, spec, model.max_input_tokens)
     if args.warmup:
-        _warm_up(runner, prepared.tokenizer, context_length)
+        _warm_up(runner, prepared.tokenizer, context_length, compiled)
         runner.stats = RunnerStats()  # count serving only
+    if device.type == "cuda" and args.cuda_graphs:
+        sample = (prepared.tokenizer.encode(["warm up"])[0] * 256)[:256]
+        runner.capture_graphs(sample, context_length)
     limits = EngineLimits(
         context_length=context_length,
         vocab_size=_vocab_rows(model.module, prepared.tokenizer),
@@ -88,26 +92,28 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
         truncate=args.truncate,
         truncation_side=args.truncation_side,
         default_prompt_name=args.default_prompt_name or spec.default_prompt_name,
+        max_tokens_per_request=args.max_tokens_per_request,
     )
     batch_tokens = args.max_batch_tokens or (32768 if device.type == "cuda" else 8192)
-    batcher = Batcher(runner, batch_tokens, args.max_queued_tokens)
+    batcher = Batcher(runner, batch_tokens, args.max_queued_tokens, args.max_queued_inputs)
     dim = model.hidden_size * len(spec.pooling_modes)
     return Engine(batcher, prepared.tokenizer, spec, limits, dim)
 
 
-def _warm_up(runner: Runner, tokenizer: TextTokenizer, context_length: int) -> None:
-    """Run the shapes serving will see first: one short input, then a mixed batch.
+def _warm_up(runner: Runner, tokenizer: TextTokenizer, context_length: int, compiled: bool) -> None:
+    """Run a short input, so the first client does not pay for lazy initialisation.
 
-    This is also when torch.compile compiles, so the first client does not pay for it.
+    With torch.compile, also the shapes that compile separately (one token; several
+    sequences), so compiling happens here and not on a client's request.
     """
     from toolkit.runner import WorkItem
 
     started = time.perf_counter()
     short = tokenizer.encode(["warm up"])[0]
     runner.run([WorkItem(short)])
-    runner.run([WorkItem(short[:1])])  # a one-token batch is its own compiled shape
-    mixed = [WorkItem((short * context_length)[:n]) for n in (2, 17, min(200, context_length))]
-    runner.run(mixed)
+    if compiled:
+        runner.run([WorkItem(short[:1])])
+        runner.run([WorkItem((short * context_length)[:n]) for n in (2, 17, min(200, context_length))])
     logger.info("Warm-up done in %.2f s.", time.perf_counter() - started)
 
 

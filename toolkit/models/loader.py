@@ -104,7 +104,9 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
             f"no *.safetensors weights in {model_dir} (only safetensors checkpoints are loaded)"
         )
     weights: dict[str, torch.Tensor] = {}
-    for file in tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard"):
+    # A bar for one shard says nothing the next log line doesn't; sharded checkpoints get one.
+    shards = tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard", disable=len(files) < 2)
+    for file in shards:
         weights.update(load_file(file))
     return weights
 

@@ -2,7 +2,13 @@
 
 Routes only translate between HTTP and the engine; validation lives in the engine and the schemas,
 errors in `toolkit.server.errors`. The model loads in the background after the socket is bound:
-/health answers 503 until the first warm-up batch has run, then 200.
+/health answers 503 until the first warm-up batch has run, then 200, and 503 again while draining
+or once the inference worker has died.
+
+Middleware, outermost first: observability (request id, timing headers, metrics, access log),
+CORS (only with --cors-allow-origins), `Connection: close` while draining, the body-size limit.
+Every route but /health needs the api key when one is set, /metrics and /openapi.json included:
+they describe the deployment.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from starlette.middleware.cors import CORSMiddleware
 
 from toolkit.engine import EmbedRequest, EmbedResult, Engine
 from toolkit.errors import (
@@ -31,9 +38,14 @@ from toolkit.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ServiceUnavailableError,
+    ShuttingDownError,
 )
+from toolkit.metrics import EXPOSITION_CONTENT_TYPE, Metrics
+from toolkit.server.disconnect import cancel_on_disconnect
 from toolkit.server.errors import install_error_handlers
+from toolkit.server.lifecycle import Admission, CloseWhileDraining
 from toolkit.server.limits import BodySizeLimit
+from toolkit.server.observability import Observability, request_context
 from toolkit.server.responses import JSONResponse
 from toolkit.server.schemas import EmbeddingRequest, EncodeRequest
 from toolkit.server_args import ServerArgs
@@ -48,6 +60,8 @@ class ServerState:
     tokenizer_path: str
     engine: Engine | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    admission: Admission = field(default_factory=Admission)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def ready_engine(self) -> Engine:
         if self.engine is None:
@@ -76,13 +90,24 @@ def create_app(
                 await state.engine.batcher.stop()
                 state.engine.batcher.runner.shutdown()
 
-    app = FastAPI(title="toolkit embedding server", lifespan=lifespan, default_response_class=JSONResponse)
-    app.add_middleware(BodySizeLimit, max_bytes=state.args.max_request_bytes)
+    # FastAPI's /docs and /redoc are left out: they fetch their scripts from a CDN (useless
+    # offline) and could not send the api key; the schema itself is served below.
+    app = FastAPI(
+        title="toolkit embedding server",
+        lifespan=lifespan,
+        default_response_class=JSONResponse,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     install_error_handlers(app)
     authorized = [Depends(_api_key_check(state.args.api_key))]
+    _watch(state)
 
     @app.get("/health")
     async def health() -> Response:
+        if state.admission.draining:
+            raise ShuttingDownError("the server is shutting down")
         state.ready_engine()
         return JSONResponse({"status": "ok"})
 
@@ -110,15 +135,24 @@ def create_app(
             }
         return JSONResponse(info)
 
+    @app.get("/metrics", dependencies=authorized, include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=EXPOSITION_CONTENT_TYPE)
+
+    @app.get("/openapi.json", dependencies=authorized, include_in_schema=False)
+    async def openapi() -> Response:
+        return JSONResponse(app.openapi())
+
     @app.post("/v1/embeddings", dependencies=authorized, openapi_extra=_json_body(EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
-        body = await _parse_body(request, EmbeddingRequest)
-        if body.model is not None and body.model != state.args.model_name:
-            raise ModelNotFoundError(
-                f"model {body.model!r} is not served here; this server serves {state.args.model_name!r}",
-                param="model",
-            )
-        result = await state.ready_engine().embed(_embed_request(body.input, body))
+        with state.admission.admit(request.client):
+            body = await _parse_body(request, EmbeddingRequest)
+            if body.model is not None and body.model != state.args.model_name:
+                raise ModelNotFoundError(
+                    f"model {body.model!r} is not served here; this server serves {state.args.model_name!r}",
+                    param="model",
+                )
+            result = await _embed(state, request, _embed_request(body.input, body))
         as_base64 = body.encoding_format == "base64"
         data = [
             {"object": "embedding", "index": i, "embedding": _as_base64(row) if as_base64 else row}
@@ -129,18 +163,66 @@ def create_app(
 
     @app.post("/encode", dependencies=authorized, openapi_extra=_json_body(EncodeRequest))
     async def encode(request: Request) -> Response:
-        body = await _parse_body(request, EncodeRequest)
-        if (body.text is None) == (body.input_ids is None):
-            raise InvalidRequestError("send exactly one of 'text' or 'input_ids'", param="text")
-        raw = body.text if body.text is not None else body.input_ids
-        single = isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
-        result = await state.ready_engine().embed(
-            _embed_request(raw, body, param="text" if body.text is not None else "input_ids")
-        )
+        with state.admission.admit(request.client):
+            body = await _parse_body(request, EncodeRequest)
+            if (body.text is None) == (body.input_ids is None):
+                raise InvalidRequestError("send exactly one of 'text' or 'input_ids'", param="text")
+            raw = body.text if body.text is not None else body.input_ids
+            single = isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
+            param = "text" if body.text is not None else "input_ids"
+            result = await _embed(state, request, _embed_request(raw, body, param=param))
         items = _encode_items(result)
         return JSONResponse(items[0] if single else items)
 
+    # Each middleware added wraps the ones before it: the body limit is innermost, CORS answers
+    # preflights before any route or key check, and observability sees every answer.
+    app.add_middleware(BodySizeLimit, max_bytes=state.args.max_request_bytes)
+    app.add_middleware(CloseWhileDraining, admission=state.admission)
+    if state.args.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.args.cors_allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Server-Timing", "Retry-After"],
+        )
+    app.add_middleware(
+        Observability,
+        metrics=state.metrics,
+        routes=frozenset(getattr(route, "path", "") for route in app.routes),
+        ready=lambda: state.engine is not None,
+    )
     return app
+
+
+async def _embed(state: ServerState, request: Request, embed_request: EmbedRequest) -> EmbedResult:
+    """Run the engine for an admitted request whose body is read, unless its client leaves first."""
+    context = request_context(request)
+    engine = state.ready_engine()
+    context.timing.engine_called = time.perf_counter()
+    result = await cancel_on_disconnect(request.receive, engine.embed(embed_request, context.timing))
+    context.timing.done = time.perf_counter()
+    context.inputs = len(result.token_counts)
+    context.tokens = result.prompt_tokens
+    return result
+
+
+def _watch(state: ServerState) -> None:
+    """Feed the scrape-time gauges from the live state."""
+
+    def queued(attribute: str) -> Callable[[], float]:
+        return lambda: getattr(state.engine.batcher, attribute) if state.engine is not None else 0
+
+    def ready() -> float:
+        engine = state.engine
+        return float(engine is not None and engine.batcher.alive and not state.admission.draining)
+
+    state.metrics.watch(
+        queue_inputs=queued("queued_inputs"),
+        queue_tokens=queued("queued_tokens"),
+        in_flight=lambda: state.admission.in_flight,
+        ready=ready,
+    )
 
 
 async def _load(
@@ -155,6 +237,7 @@ async def _load(
         if on_fatal is not None:
             on_fatal(exc)
         return
+    engine.batcher.on_batch = state.metrics.observe_batch
     engine.batcher.start()
     state.engine = engine
     logger.info("The server is ready to embed with %s.", state.args.model_name)
@@ -187,14 +270,15 @@ def _json_body(schema: type[BaseModel]) -> dict[str, Any]:
 
 
 def _api_key_check(api_key: str | None) -> Callable[[Request], None]:
-    expected = f"Bearer {api_key}".encode() if api_key else None
+    expected = api_key.encode() if api_key else None
 
     def check(request: Request) -> None:
         if expected is None:
             return
-        given = request.headers.get("authorization", "").encode()
-        # Constant-time comparison: the answer time must not reveal how much of the key matched.
-        if not hmac.compare_digest(given, expected):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # The scheme is case-insensitive (RFC 9110). The key is compared in constant time: the
+        # answer time must not reveal how much of it matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
             raise AuthenticationError("missing or wrong API key; send 'Authorization: Bearer KEY'")
 
     return check

@@ -7,8 +7,10 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from toolkit.errors import (
+    ClientDisconnectedError,
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
@@ -31,6 +33,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(_describe_validation_error(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnect(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client left while sending its body: nothing failed here, and nobody reads the answer.
+        return error_response(ClientDisconnectedError("the client closed the connection mid-request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

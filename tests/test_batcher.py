@@ -1,0 +1,81 @@
+"""The batcher's queue budget, token-budget batches and per-input results, with a fake runner."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+from toolkit.batcher import Batcher
+from toolkit.errors import OverloadedError
+from toolkit.runner import WorkItem
+
+
+class FakeRunner:
+    """Records batches; each row is [number of tokens]. `gate` holds the device until set."""
+
+    alive = True
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def submit(self, items):  # type: ignore[no-untyped-def]
+        future: Future = Future()
+
+        def work() -> None:
+            self.gate.wait(10)
+            self.batches.append([len(item.token_ids) for item in items])
+            future.set_result([np.array([len(item.token_ids)], dtype=np.float32) for item in items])
+
+        threading.Thread(target=work, daemon=True).start()
+        return future
+
+
+def items(*lengths: int) -> list[WorkItem]:
+    return [WorkItem([1] * n) for n in lengths]
+
+
+def test_batches_respect_the_token_budget_and_results_map_back() -> None:
+    async def scenario() -> None:
+        runner = FakeRunner()
+        runner.gate.clear()
+        batcher = Batcher(runner, max_batch_tokens=10, max_queued_tokens=1000)  # type: ignore[arg-type]
+        batcher.start()
+        futures = batcher.submit(items(4, 4, 4, 12, 1))
+        runner.gate.set()
+        rows = await asyncio.gather(*futures)
+        assert [int(row[0]) for row in rows] == [4, 4, 4, 12, 1]
+        assert all(sum(batch) <= 10 or len(batch) == 1 for batch in runner.batches)
+        assert sorted(n for batch in runner.batches for n in batch) == [1, 4, 4, 4, 12]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_inputs_free_the_budget_at_once_and_never_run() -> None:
+    async def scenario() -> None:
+        runner = FakeRunner()
+        runner.gate.clear()  # the device is busy: everything after the first batch waits
+        batcher = Batcher(runner, max_batch_tokens=8, max_queued_tokens=20)  # type: ignore[arg-type]
+        batcher.start()
+        first = batcher.submit(items(8))
+        await asyncio.sleep(0.05)  # the first batch is on the device
+        queued = batcher.submit(items(8, 8))
+        with pytest.raises(OverloadedError):
+            batcher.submit(items(8))
+        for future in queued:
+            future.cancel()
+        await asyncio.sleep(0)  # done-callbacks run
+        assert batcher.queued_tokens == 0 and batcher.queued_inputs == 0
+        admitted = batcher.submit(items(8, 8))
+        runner.gate.set()
+        await asyncio.gather(*first, *admitted)
+        assert sum(len(batch) for batch in runner.batches) == 3  # the cancelled two never ran
+        await batcher.stop()
+
+    asyncio.run(scenario())
