@@ -28,8 +28,9 @@ def packed_attention(
     causal: bool,
     bias: torch.Tensor | None = None,  # [Hq, L, L] additive, shared by all sequences
 ) -> torch.Tensor:  # [T, Hq, d]
-    varlen = _varlen_kernel()
-    if varlen is not None and bias is None and q.is_cuda and q.dtype != torch.float32:
+    # Checked in this order: importing the varlen module costs seconds (it pulls in
+    # torch.compile's machinery), which a CPU server should not pay at start-up.
+    if bias is None and q.is_cuda and q.dtype != torch.float32 and (varlen := _varlen_kernel()) is not None:
         return varlen(q, k, v, batch, causal)
     return _padded_sdpa(q, k, v, batch, causal=causal, bias=bias)
 
