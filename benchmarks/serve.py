@@ -280,7 +280,7 @@ def main() -> None:
 
     results: dict[str, Any] = {
         "machine": machine,
-        "model": args.shape or str(model_dir),
+        "model": args.shape or args.model_path or "all-MiniLM-L6-v2 (bundled)",
         "tokens": tokens,
         "inputs": len(inputs),
         "lengths": args.lengths,
