@@ -116,3 +116,20 @@ def sample(metrics: dict[tuple[str, frozenset[Any]], float], name: str, **labels
 
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
+
+
+def occupy_device(
+    pool: Any,
+    post: Callable[[dict[str, Any]], Any],
+    gate: DeviceGate,
+    spy: SubmitSpy,
+    batcher: Any,
+    marker: int,
+) -> tuple[Any, Any]:
+    """Fill both in-flight batch slots: one request held on the device, one handed to the device
+    thread behind it. Whatever is posted next waits in the batcher's queue."""
+    held = pool.submit(post, {"input": [ids(marker)]})
+    wait_until(lambda: len(gate.batches) == 1, "the first batch reached the device")
+    second = pool.submit(post, {"input": [ids(marker + 1)]})
+    wait_until(lambda: spy.admitted == 2 and batcher.queued_inputs == 0, "the second batch left")
+    return held, second

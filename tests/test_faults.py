@@ -19,7 +19,17 @@ import psutil
 import pytest
 import requests
 import torch
-from fault_injection import WAIT_S, DeviceGate, SubmitSpy, ids, port_of, sample, scrape, wait_until
+from fault_injection import (
+    WAIT_S,
+    DeviceGate,
+    SubmitSpy,
+    ids,
+    occupy_device,
+    port_of,
+    sample,
+    scrape,
+    wait_until,
+)
 from test_api import assert_openai_error
 
 from conftest import ThreadedServer
@@ -40,10 +50,7 @@ def test_full_queue_answers_429_with_retry_after_then_recovers(fresh_client) -> 
     post = lambda body: fresh_client.post("/v1/embeddings", json=body)  # noqa: E731
     try:
         with ThreadPoolExecutor(3) as pool:
-            held = pool.submit(post, {"input": [ids(1001)]})  # on the device, held
-            wait_until(lambda: len(gate.batches) == 1, "the first batch reached the device")
-            second = pool.submit(post, {"input": [ids(1002)]})  # handed to the device thread
-            wait_until(lambda: spy.admitted == 2 and batcher.queued_inputs == 0, "the second batch left")
+            held, second = occupy_device(pool, post, gate, spy, batcher, 1001)
             queued = pool.submit(post, {"input": [ids(*[1003] * 8)]})  # 10 tokens wait in the queue
             wait_until(lambda: batcher.queued_tokens == 10, "the third request queued")
             too_many_tokens = post({"input": [ids(*[1004] * 8)]})
@@ -75,10 +82,8 @@ def test_disconnected_clients_inputs_never_reach_the_device(threaded_server: Thr
     gone = 2001
     try:
         with ThreadPoolExecutor(2) as pool:
-            held = pool.submit(requests.post, url, json={"input": [ids(2002)]}, timeout=WAIT_S)
-            wait_until(lambda: len(gate.batches) == 1, "the first batch reached the device")
-            second = pool.submit(requests.post, url, json={"input": [ids(2003)]}, timeout=WAIT_S)
-            wait_until(lambda: spy.admitted == 2 and batcher.queued_inputs == 0, "the second batch left")
+            post = lambda body: requests.post(url, json=body, timeout=WAIT_S)  # noqa: E731
+            held, second = occupy_device(pool, post, gate, spy, batcher, 2002)
             body = json.dumps({"input": [ids(gone, gone)] * 3}).encode()
             port = port_of(threaded_server.url)
             with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
@@ -138,10 +143,7 @@ def test_an_input_that_still_fails_gets_500_and_its_batch_mates_succeed(fresh_cl
     post = lambda body: fresh_client.post("/v1/embeddings", json=body)  # noqa: E731
     try:
         with ThreadPoolExecutor(4) as pool:
-            held = pool.submit(post, {"input": [ids(3002)]})
-            wait_until(lambda: len(gate.batches) == 1, "the first batch reached the device")
-            second = pool.submit(post, {"input": [ids(3003)]})
-            wait_until(lambda: spy.admitted == 2 and batcher.queued_inputs == 0, "the second batch left")
+            held, second = occupy_device(pool, post, gate, spy, batcher, 3002)
             failing = pool.submit(post, {"input": [ids(3004), ids(poison)]})
             mate = pool.submit(post, {"input": [ids(3005)]})
             wait_until(lambda: batcher.queued_inputs == 3, "both requests queued together")
@@ -169,10 +171,7 @@ def test_dead_device_thread_fails_in_flight_requests_fast_and_health_turns_503(f
     post = lambda body: fresh_client.post("/v1/embeddings", json=body)  # noqa: E731
     try:
         with ThreadPoolExecutor(3) as pool:
-            held = pool.submit(post, {"input": [ids(4001)]})
-            wait_until(lambda: len(gate.batches) == 1, "the first batch reached the device")
-            second = pool.submit(post, {"input": [ids(4002)]})
-            wait_until(lambda: spy.admitted == 2 and batcher.queued_inputs == 0, "the second batch left")
+            held, second = occupy_device(pool, post, gate, spy, batcher, 4001)
             queued = pool.submit(post, {"input": [ids(4003)]})
             wait_until(lambda: batcher.queued_inputs == 1, "the third request queued")
             started = time.monotonic()
