@@ -74,9 +74,10 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
     spec = prepared.spec
     compile_blocks = getattr(model.module, "compile_blocks", None)
     wanted = args.compile if args.compile is not None else device.type == "cuda" and model.compile_pays_off
-    compiled = bool(wanted) and compile_blocks is not None
-    if compiled:
-        compile_blocks()  # type: ignore[misc]
+    compiled = False
+    if wanted and compile_blocks is not None:
+        compile_blocks()
+        compiled = True
     runner = Runner(model, device, spec.pooling_modes, spec.normalize)
     context_length = _context_length(args, spec, model.max_input_tokens)
     if args.warmup:

@@ -168,7 +168,7 @@ def create_app(
             if (body.text is None) == (body.input_ids is None):
                 raise InvalidRequestError("send exactly one of 'text' or 'input_ids'", param="text")
             raw = body.text if body.text is not None else body.input_ids
-            single = isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
+            single = _is_single_input(raw)
             param = "text" if body.text is not None else "input_ids"
             result = await _embed(state, request, _embed_request(raw, body, param=param))
         items = _encode_items(result)
@@ -307,13 +307,20 @@ def _embed_request(raw: Any, body: EmbeddingRequest | EncodeRequest, param: str 
         "truncate": body.truncate,
         "truncation_side": body.truncation_side,
     }
-    if isinstance(raw, str):
-        return EmbedRequest(texts=[raw], **options)
-    if raw and isinstance(raw[0], int):
-        return EmbedRequest(token_ids=[raw], **options)
+    if _is_single_input(raw):
+        return (
+            EmbedRequest(texts=[raw], **options)
+            if isinstance(raw, str)
+            else EmbedRequest(token_ids=[raw], **options)
+        )
     if raw and isinstance(raw[0], list):
         return EmbedRequest(token_ids=raw, **options)
     return EmbedRequest(texts=raw, **options)
+
+
+def _is_single_input(raw: Any) -> bool:
+    """One text or one token-id list, as opposed to a list of them."""
+    return isinstance(raw, str) or bool(raw and isinstance(raw[0], int))
 
 
 def _as_base64(row: np.ndarray) -> str:
