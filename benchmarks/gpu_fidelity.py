@@ -48,7 +48,7 @@ def ours(model_dir: Path, inputs: list[list[int]], dtype: torch.dtype, device: s
     model = load_model(model_dir, torch.device(device), dtype)
     spec = read_embedding_spec(model_dir)
     batch = pack(inputs).to(device)
-    out = normalize(pool(model.forward(batch), batch, spec.pooling_modes))
+    out = normalize(pool(model.forward(batch, None), batch, spec.pooling_modes))
     del model
     torch.cuda.empty_cache()
     return out

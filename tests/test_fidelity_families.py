@@ -180,6 +180,10 @@ POOLING_CASES = [
     *[("bert", mode, normalize) for mode in POOLING_MODES for normalize in (True, False)],
     # Left padding in the reference: lasttoken and mean must not read the pads.
     *[("mistral", mode, normalize) for mode in ("lasttoken", "mean") for normalize in (True, False)],
+    # One-token modes compute only the pooled tokens in the last layer: with MPNet's relative
+    # attention bias, and in a bidirectional decoder (gte-Qwen2 style) where CLS is allowed.
+    ("mpnet", "cls", True),
+    ("qwen2", "cls", True),
 ]
 
 

@@ -234,3 +234,24 @@ def test_smollm2(smollm2_dir: Path) -> None:
     texts = TEXTS[:3]
     expected = transformers_reference(smollm2_dir, texts, "lasttoken", normalize=True)
     assert_embeddings_close(reference_embeddings(smollm2_dir, texts), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_layer_on_pooled_rows_equals_full_forward(zoo: Callable[[str], Path], family: str) -> None:
+    """One-token pooling runs the last layer on the pooled tokens alone; nothing else may change."""
+    from toolkit.models import load_model
+    from toolkit.packing import pack
+    from toolkit.pooling import token_rows
+
+    model = load_model(zoo(family), torch.device("cpu"), torch.float32)
+    # Causal decoders offer lasttoken only; encoders and bidirectional decoders also CLS.
+    assert "lasttoken" in model.row_pooling_modes
+    assert ("cls" in model.row_pooling_modes) == (family not in {"qwen3", "llama", "mistral"})
+    batch = pack([[5, 6, 7], [8], [9, 10, 11, 12, 13, 14]], [1, 0, 2])
+    with torch.inference_mode():
+        full = model.forward(batch, None)
+        for mode in model.row_pooling_modes:
+            rows = token_rows(batch, mode)
+            # Float32 rounding only: the matrix products see fewer rows.
+            difference = (model.forward(batch, rows) - full[rows]).abs().max()
+            assert difference <= 1e-6 * full.abs().max(), (mode, float(difference))

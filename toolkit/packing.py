@@ -51,6 +51,11 @@ class PackedBatch:
         return self.seq_index * self.max_seqlen + self.position_ids.long()
 
     @cached_property
+    def one_per_sequence(self) -> torch.Tensor:
+        """[B+1] int32 `cu_seqlens` of one token per sequence (the pooled-token queries)."""
+        return torch.arange(self.num_seqs + 1, dtype=torch.int32, device=self.device)
+
+    @cached_property
     def key_padding_mask(self) -> torch.Tensor:
         """[B, max_seqlen] bool: True where the padded layout holds a real token."""
         mask = torch.zeros(self.num_seqs * self.max_seqlen, dtype=torch.bool, device=self.device)

@@ -21,17 +21,29 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, modes: Sequence[str]) -> torc
     return torch.cat([_pool_one(hidden, batch, mode, starts) for mode in modes], dim=-1)
 
 
+# Modes that read one token per sequence: a model may compute just those (see `token_rows`).
+SINGLE_TOKEN_MODES = frozenset({"lasttoken", "cls"})
+
+
+def token_rows(batch: PackedBatch, mode: str) -> torch.Tensor:
+    """[B] int64: the packed row each sequence's embedding is read from, for SINGLE_TOKEN_MODES."""
+    if mode == "lasttoken":
+        return batch.cu_seqlens[1:].long() - 1
+    if mode != "cls":
+        raise ValueError(f"pooling mode {mode!r} reads more than one token")
+    first = batch.cu_seqlens[:-1].long()
+    if batch.skips_tokens:  # the first token after the prompt, unless the input is all prompt
+        starts = batch.pool_starts.long()
+        lengths = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
+        first = first + torch.where(lengths > starts, starts, 0)
+    return first
+
+
 def _pool_one(
     hidden: torch.Tensor, batch: PackedBatch, mode: str, starts: torch.Tensor | None
 ) -> torch.Tensor:
-    first = batch.cu_seqlens[:-1].long()
-    if mode == "lasttoken":
-        return hidden[batch.cu_seqlens[1:].long() - 1]
-    if mode == "cls":
-        if starts is not None:
-            lengths = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
-            first = first + torch.where(lengths > starts, starts, 0)
-        return hidden[first]
+    if mode in SINGLE_TOKEN_MODES:
+        return hidden[token_rows(batch, mode)]
     keep = None
     if starts is not None:
         keep = batch.position_ids.long() >= starts[batch.seq_index]

@@ -21,7 +21,7 @@ import torch
 
 from toolkit.models import LoadedModel
 from toolkit.packing import PackedBatch, pack
-from toolkit.pooling import normalize, pool
+from toolkit.pooling import normalize, pool, token_rows
 
 if TYPE_CHECKING:
     from toolkit.cuda_graphs import SingleInputGraphs
@@ -195,8 +195,11 @@ class Runner:
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """The device work of a batch already on the device: forward, pooling, normalization."""
-        hidden = self.model.forward(batch)
-        embeddings = pool(hidden, batch, self.pooling_modes)
+        if len(self.pooling_modes) == 1 and self.pooling_modes[0] in self.model.row_pooling_modes:
+            rows = token_rows(batch, self.pooling_modes[0])
+            embeddings = self.model.forward(batch, rows).float()
+        else:
+            embeddings = pool(self.model.forward(batch, None), batch, self.pooling_modes)
         return normalize(embeddings) if self.normalize_output else embeddings
 
     def capture_graphs(self, sample_ids: list[int], max_tokens: int) -> None:

@@ -5,6 +5,9 @@ On CUDA with half precision, `torch.nn.attention.varlen.varlen_attn` (flash atte
 such as MPNet's relative positions) the tokens are scattered into a [B, H, L, d] layout for
 `scaled_dot_product_attention` with a key-padding mask and gathered back; only attention sees
 padding, every other layer runs on the packed tokens.
+
+With `query_rows`, only one token per sequence attends (the keys are still every token): a last
+layer whose output is pooled from one token (CLS, last token) needs nothing else.
 """
 
 from __future__ import annotations
@@ -27,12 +30,17 @@ def packed_attention(
     *,
     causal: bool,
     bias: torch.Tensor | None = None,  # [Hq, L, L] additive, shared by all sequences
-) -> torch.Tensor:  # [T, Hq, d]
+    query_rows: torch.Tensor | None = None,  # [B] int64, one token of each sequence, in order
+) -> torch.Tensor:  # [T, Hq, d], or [B, Hq, d] with query_rows
+    if query_rows is not None:
+        # Under causal attention the rows must be each sequence's last token, which sees its
+        # whole sequence: so no causal mask is needed (the models only ask for that case).
+        q, causal = q[query_rows], False
     # Checked in this order: importing the varlen module costs seconds (it pulls in
     # torch.compile's machinery), which a CPU server should not pay at start-up.
     if bias is None and q.is_cuda and q.dtype != torch.float32 and (varlen := _varlen_kernel()) is not None:
         return varlen(q, k, v, batch, causal)
-    return _padded_sdpa(q, k, v, batch, causal=causal, bias=bias)
+    return _padded_sdpa(q, k, v, batch, causal=causal, bias=bias, query_rows=query_rows)
 
 
 def _padded_sdpa(
@@ -43,6 +51,7 @@ def _padded_sdpa(
     *,
     causal: bool,
     bias: torch.Tensor | None,
+    query_rows: torch.Tensor | None,
 ) -> torch.Tensor:
     num_seqs, length = batch.num_seqs, batch.max_seqlen
     index = batch.padded_index
@@ -57,11 +66,17 @@ def _padded_sdpa(
         mask = mask & _causal_mask(length, q.device)
     attn_mask: torch.Tensor = mask
     if bias is not None:
-        attn_mask = bias[None].to(q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+        rows = bias[None]  # [1, H, L, L]
+        if query_rows is not None:  # each query's own row of the bias: [B, H, 1, L]
+            rows = bias[:, batch.position_ids[query_rows].long()].transpose(0, 1)[:, :, None]
+        attn_mask = rows.to(q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
     gqa = q.shape[1] != k.shape[1]
+    queries = q[:, :, None] if query_rows is not None else to_padded(q)  # [B, H, 1 or L, d]
     out = F.scaled_dot_product_attention(
-        to_padded(q), to_padded(k), to_padded(v), attn_mask=attn_mask, enable_gqa=gqa
+        queries, to_padded(k), to_padded(v), attn_mask=attn_mask, enable_gqa=gqa
     )
+    if query_rows is not None:
+        return out[:, :, 0]
     out = out.transpose(1, 2).reshape(num_seqs * length, q.shape[1], q.shape[2])
     return out[index]
 
@@ -99,8 +114,10 @@ def _varlen_kernel() -> VarlenKernel | None:
             kwargs["window_size"] = (-1, 0)
         if has_gqa and q.shape[1] != k.shape[1]:
             kwargs["enable_gqa"] = True
-        cu = batch.cu_seqlens
-        length = batch.max_seqlen
-        return varlen_attn(q, k, v, cu, cu, length, length, **kwargs)
+        cu_k, max_k = batch.cu_seqlens, batch.max_seqlen
+        cu_q, max_q = cu_k, max_k
+        if q.shape[0] != k.shape[0]:  # one query per sequence (query_rows)
+            cu_q, max_q = batch.one_per_sequence, 1
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
     return run

@@ -17,6 +17,7 @@ from torch import nn
 from toolkit.models.attention import packed_attention
 from toolkit.models.layers import uninitialized_embedding
 from toolkit.packing import PackedBatch
+from toolkit.pooling import SINGLE_TOKEN_MODES
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,20 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gate_up = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        # Key/value heads are repeated up to the query heads here, where the copy fuses into the
+        # RoPE kernel, instead of in the attention wrapper (set by `compile_blocks`).
+        self.repeat_kv_heads = False
 
     def forward(
-        self, x: torch.Tensor, batch: PackedBatch, rope: tuple[torch.Tensor, torch.Tensor]
+        self,
+        x: torch.Tensor,
+        batch: PackedBatch,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        rows: torch.Tensor | None = None,  # keep only these tokens' outputs
     ) -> torch.Tensor:
         q, k, v = self.attention_inputs(x, *rope)
-        attn = packed_attention(q, k, v, batch, causal=self.cfg.causal)
-        return self.attention_output_and_mlp(x, attn)
+        attn = packed_attention(q, k, v, batch, causal=self.cfg.causal, query_rows=rows)
+        return self.attention_output_and_mlp(x if rows is None else x[rows], attn)
 
     # The two halves around attention are pure tensor code: `compile_blocks` fuses each with
     # torch.compile, which removes most of the elementwise memory traffic (norms, RoPE, SwiGLU).
@@ -129,7 +137,11 @@ class DecoderLayer(nn.Module):
         v = v.view(t, cfg.n_kv_heads, cfg.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        k = apply_rotary(k, cos, sin)
+        if self.repeat_kv_heads and cfg.n_kv_heads != cfg.n_heads:
+            groups = cfg.n_heads // cfg.n_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return apply_rotary(q, cos, sin), k, v
 
     def attention_output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         x = x + self.attn_out(attn.reshape(x.shape[0], -1))
@@ -137,6 +149,7 @@ class DecoderLayer(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
     def compile_blocks(self) -> None:
+        self.repeat_kv_heads = True
         self.attention_inputs = torch.compile(self.attention_inputs, dynamic=True)  # type: ignore[method-assign]
         self.attention_output_and_mlp = torch.compile(  # type: ignore[method-assign]
             self.attention_output_and_mlp, dynamic=True
@@ -156,12 +169,20 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.compile_blocks()
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:  # [T, D]
+    @property
+    def row_pooling_modes(self) -> frozenset[str]:
+        """Pooling modes for which `forward` can compute the pooled tokens alone (`rows`).
+        Causal attention: only the last token, the one that sees its whole sequence."""
+        return SINGLE_TOKEN_MODES if not self.cfg.causal else frozenset({"lasttoken"})
+
+    def forward(self, batch: PackedBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, D]; with `rows` (one token per sequence), [B, D] of those tokens only."""
         x = self.tok_embeddings(batch.input_ids.long())
         rope = rotary_tables(batch.position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x, batch, rope)
-        return self.norm(x)
+        # Only the last layer can skip tokens: every token is a key in all earlier ones.
+        return self.norm(self.layers[-1](x, batch, rope, rows))
 
 
 def decoder_state_dict(hf: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from torch import nn
 from toolkit.models.attention import packed_attention
 from toolkit.models.layers import uninitialized_embedding
 from toolkit.packing import PackedBatch
+from toolkit.pooling import SINGLE_TOKEN_MODES
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,17 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.act = _ACTIVATIONS[cfg.activation]
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: PackedBatch,
+        bias: torch.Tensor | None,
+        rows: torch.Tensor | None = None,  # keep only these tokens' outputs
+    ) -> torch.Tensor:
         t, h, d = x.shape[0], self.cfg.n_heads, self.cfg.head_dim
         q, k, v = self.qkv(x).view(t, 3, h, d).unbind(1)  # each [T, H, d]
-        attn = packed_attention(q, k, v, batch, causal=False, bias=bias)
-        return self.attention_output_and_mlp(x, attn)
+        attn = packed_attention(q, k, v, batch, causal=False, bias=bias, query_rows=rows)
+        return self.attention_output_and_mlp(x if rows is None else x[rows], attn)
 
     # Pure tensor code after attention: `compile_blocks` fuses its bias, GELU, residual and
     # LayerNorm passes with torch.compile.
@@ -120,7 +127,11 @@ class Encoder(nn.Module):
         for layer in self.layers:
             layer.compile_blocks()
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:  # [T, D]
+    # Pooling modes for which `forward` can compute the pooled tokens alone (`rows`).
+    row_pooling_modes = SINGLE_TOKEN_MODES
+
+    def forward(self, batch: PackedBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, D]; with `rows` (one token per sequence), [B, D] of those tokens only."""
         positions = batch.position_ids.long() + self.cfg.position_offset
         x = self.tok_embeddings(batch.input_ids.long()) + self.pos_embeddings(positions)
         if self.type_embeddings is not None:
@@ -128,9 +139,10 @@ class Encoder(nn.Module):
             x = x + self.type_embeddings.weight[0]
         x = self.emb_norm(x)
         bias = self._relative_bias(batch.max_seqlen, x.device)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x, batch, bias)
-        return x
+        # Only the last layer can skip tokens: every token is a key in all earlier ones.
+        return self.layers[-1](x, batch, bias, rows)
 
     def _relative_bias(self, length: int, device: torch.device) -> torch.Tensor | None:
         """MPNet: a learned bias per head for each bucket of relative distance. [H, L, L]"""

@@ -24,7 +24,8 @@ def load_transformers_model(
     pad_id = int(hf.get("pad_token_id") or 0)
 
     @torch.inference_mode()
-    def forward(batch: PackedBatch) -> torch.Tensor:
+    def forward(batch: PackedBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        # No row pooling modes are declared, so rows never come: every token is returned.
         size = batch.num_seqs * batch.max_seqlen
         input_ids = torch.full((size,), pad_id, dtype=torch.long, device=batch.device)
         input_ids[batch.padded_index] = batch.input_ids.long()

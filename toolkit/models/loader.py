@@ -31,9 +31,14 @@ DECODER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 @dataclass
 class LoadedModel:
-    """A model that maps a PackedBatch to packed hidden states [T, D]."""
+    """A model that maps a PackedBatch to packed hidden states [T, D].
 
-    forward: Callable[[PackedBatch], torch.Tensor]
+    `forward(batch, rows)` with rows (one token per sequence, for a pooling mode in
+    `row_pooling_modes`) returns just those tokens' states [B, D], and spares the last layer
+    the work on all others.
+    """
+
+    forward: Callable[[PackedBatch, torch.Tensor | None], torch.Tensor]
     module: nn.Module
     hidden_size: int
     max_input_tokens: int
@@ -42,6 +47,7 @@ class LoadedModel:
     # makes gte-Qwen2-1.5B 45% faster, but BERT-base 11% slower (its dims are too small for
     # the fusions to beat the per-call guard overhead).
     compile_pays_off: bool = False
+    row_pooling_modes: frozenset[str] = frozenset()
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -94,6 +100,7 @@ def _load_native(
         max_input_tokens=max_tokens,
         implementation="native",
         compile_pays_off=hf["model_type"] in DECODER_TYPES,
+        row_pooling_modes=module.row_pooling_modes,
     )
 
 
