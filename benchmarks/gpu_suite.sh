@@ -18,6 +18,6 @@ if [ -n "${PROFILE:-}" ]; then
   run bert_pyspy --shape bert-base --lengths 16-512 --num-inputs 20000 --concurrency 64 --skip-reference --py-spy "$out/bert_stacks.raw"
   exit 0
 fi
-run qwen2_16_512 --shape gte-qwen2-1.5b --lengths 16-512 --num-inputs 6000 --concurrency 16,64 --reference-batch-sizes 32,64
-run qwen2_4_64 --shape gte-qwen2-1.5b --lengths 4-64 --num-inputs 20000 --inputs-per-request 32 --concurrency 16,64 --reference-batch-sizes 128,256
+run qwen2_16_512 --shape gte-qwen2-1.5b --lengths 16-512 --num-inputs 6000 --concurrency 16,64,128 --reference-batch-sizes 32,64
+run qwen2_4_64 --shape gte-qwen2-1.5b --lengths 4-64 --num-inputs 20000 --inputs-per-request 32 --concurrency 16,64,128 --reference-batch-sizes 128,256
 run bert_16_512 --shape bert-base --lengths 16-512 --num-inputs 20000 --concurrency 16,64 --reference-batch-sizes 64,128
