@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Everything measured on a lent GPU in one call: fidelity per dtype, then HTTP throughput.
+# Everything measured on a lent GPU: fidelity per dtype, then HTTP throughput per workload.
 # Usage (device machine, repo root, wheels carried in .whl): bash benchmarks/gpu_suite.sh OUTDIR
+# ONLY="fidelity qwen2_16_512" runs just those parts (a device call has a time limit);
+# WITH_EAGER=1 adds gte-Qwen2 served without torch.compile; PROFILE=1 profiles instead.
 set -u
 out=${1:-/tmp/gpu-results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/card.txt"
-python3 -c "import torch, inspect; from torch.nn.attention.varlen import varlen_attn; print(torch.__version__, inspect.signature(varlen_attn))"
-[ -n "${SKIP_FIDELITY:-}" ] || python3 benchmarks/gpu_fidelity.py --shape bert-base --shape gte-qwen2-1.5b 2>&1 | grep -v -e Loading -e Writing | tee "$out/fidelity.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'flash attention:', torch.backends.cuda.is_flash_attention_available())"
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 # Server log lines are dropped except the runner's closing summary (batches, device busy).
-run() { name=$1; shift; python3 benchmarks/serve.py "$@" --out "$out/$name.json" 2>&1 | grep -v -e Loading -e Writing -e "Batch\." -e "HTTP/1.1" | tail -22 | tee "$out/$name.txt"; }
+run() { name=$1; shift; want "$name" || return 0; python3 benchmarks/serve.py "$@" --out "$out/$name.json" 2>&1 | grep -v -e Loading -e Writing -e "Batch\." -e "HTTP/1.1" -e "method=" | tail -22 | tee "$out/$name.txt"; }
+if want fidelity; then
+  python3 benchmarks/gpu_fidelity.py --shape bert-base --shape gte-qwen2-1.5b 2>&1 | grep -v -e Loading -e Writing | tee "$out/fidelity.txt"
+fi
 [ -n "${WITH_EAGER:-}" ] && run qwen2_16_512_eager --shape gte-qwen2-1.5b --lengths 16-512 --num-inputs 6000 --concurrency 64 --skip-reference --server-args=--no-compile
 if [ -n "${PROFILE:-}" ]; then
   for shape in bert-base gte-qwen2-1.5b; do

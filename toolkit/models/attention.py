@@ -1,10 +1,10 @@
 """Attention over packed sequences: each sequence attends only to itself.
 
-On CUDA with half precision, `torch.nn.attention.varlen.varlen_attn` (flash attention over
-`cu_seqlens`) runs on the packed tokens directly. Elsewhere (CPU, float32, or an additive bias
-such as MPNet's relative positions) the tokens are scattered into a [B, H, L, d] layout for
-`scaled_dot_product_attention` with a key-padding mask and gathered back; only attention sees
-padding, every other layer runs on the packed tokens.
+On CUDA with half precision, flash attention over `cu_seqlens` (the kernel behind
+`torch.nn.attention.varlen.varlen_attn`) runs on the packed tokens directly. Elsewhere (CPU,
+float32, or an additive bias such as MPNet's relative positions) the tokens are scattered into a
+[B, H, L, d] layout for `scaled_dot_product_attention` with a key-padding mask and gathered back;
+only attention sees padding, every other layer runs on the packed tokens.
 
 With `query_rows`, only one token per sequence attends (the keys are still every token): a last
 layer whose output is pooled from one token (CLS, last token) needs nothing else.
@@ -13,7 +13,6 @@ layer whose output is pooled from one token (CLS, last token) needs nothing else
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -36,8 +35,7 @@ def packed_attention(
         # Under causal attention the rows must be each sequence's last token, which sees its
         # whole sequence: so no causal mask is needed (the models only ask for that case).
         q, causal = q[query_rows], False
-    # Checked in this order: importing the varlen module costs seconds (it pulls in
-    # torch.compile's machinery), which a CPU server should not pay at start-up.
+    # Checked in this order: a CPU server never asks for the CUDA kernel.
     if bias is None and q.is_cuda and q.dtype != torch.float32 and (varlen := _varlen_kernel()) is not None:
         return varlen(q, k, v, batch, causal)
     return _padded_sdpa(q, k, v, batch, causal=causal, bias=bias, query_rows=query_rows)
@@ -91,33 +89,28 @@ VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch, 
 
 @functools.lru_cache(maxsize=1)
 def _varlen_kernel() -> VarlenKernel | None:
-    """The flash varlen kernel of this torch build, adapted to one signature; None if absent."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+    """Flash attention over `cu_seqlens` where this torch build has it, else None.
+
+    This is the ATen op that `torch.nn.attention.varlen.varlen_attn` wraps, called directly: the
+    wrapper's custom-op layers cost host time in every layer, and BERT-sized models are bound by
+    host time when serving. The op also takes fewer key/value heads than query heads as they are
+    (grouped-query attention), so nothing repeats them.
+    """
+    flash = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if flash is None or not torch.cuda.is_available():
         return None
-    params = inspect.signature(varlen_attn).parameters
-    # torch 2.10/2.11 take `is_causal`; later releases express causality as a window.
-    causal_kwarg = "is_causal" if "is_causal" in params else "window_size"
-    has_gqa = "enable_gqa" in params
+    if torch.cuda.get_device_capability()[0] < 8:  # flash attention needs Ampere or newer
+        return None
 
     def run(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, causal: bool
     ) -> torch.Tensor:
-        if q.shape[1] != k.shape[1] and not has_gqa:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        kwargs: dict[str, object] = {}
-        if causal_kwarg == "is_causal":
-            kwargs["is_causal"] = causal
-        elif causal:
-            kwargs["window_size"] = (-1, 0)
-        if has_gqa and q.shape[1] != k.shape[1]:
-            kwargs["enable_gqa"] = True
         cu_k, max_k = batch.cu_seqlens, batch.max_seqlen
         cu_q, max_q = cu_k, max_k
         if q.shape[0] != k.shape[0]:  # one query per sequence (query_rows)
             cu_q, max_q = batch.one_per_sequence, 1
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+        # (query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout, causal, debug mask)
+        output: torch.Tensor = flash(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)[0]
+        return output
 
     return run

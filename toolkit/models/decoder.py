@@ -109,9 +109,6 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gate_up = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
-        # Key/value heads are repeated up to the query heads here, where the copy fuses into the
-        # RoPE kernel, instead of in the attention wrapper (set by `compile_blocks`).
-        self.repeat_kv_heads = False
 
     def forward(
         self,
@@ -137,11 +134,7 @@ class DecoderLayer(nn.Module):
         v = v.view(t, cfg.n_kv_heads, cfg.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        k = apply_rotary(k, cos, sin)
-        if self.repeat_kv_heads and cfg.n_kv_heads != cfg.n_heads:
-            groups = cfg.n_heads // cfg.n_kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return apply_rotary(q, cos, sin), k, v
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def attention_output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         x = x + self.attn_out(attn.reshape(x.shape[0], -1))
@@ -149,7 +142,6 @@ class DecoderLayer(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
     def compile_blocks(self) -> None:
-        self.repeat_kv_heads = True
         self.attention_inputs = torch.compile(self.attention_inputs, dynamic=True)  # type: ignore[method-assign]
         self.attention_output_and_mlp = torch.compile(  # type: ignore[method-assign]
             self.attention_output_and_mlp, dynamic=True
@@ -179,10 +171,11 @@ class Decoder(nn.Module):
         """Hidden states [T, D]; with `rows` (one token per sequence), [B, D] of those tokens only."""
         x = self.tok_embeddings(batch.input_ids.long())
         rope = rotary_tables(batch.position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        for layer in self.layers[:-1]:
-            x = layer(x, batch, rope)
-        # Only the last layer can skip tokens: every token is a key in all earlier ones.
-        return self.norm(self.layers[-1](x, batch, rope, rows))
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            # Only the last layer can skip tokens: every token is a key in all earlier ones.
+            x = layer(x, batch, rope, rows if index == last else None)
+        return self.norm(x)
 
 
 def decoder_state_dict(hf: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:

@@ -139,10 +139,11 @@ class Encoder(nn.Module):
             x = x + self.type_embeddings.weight[0]
         x = self.emb_norm(x)
         bias = self._relative_bias(batch.max_seqlen, x.device)
-        for layer in self.layers[:-1]:
-            x = layer(x, batch, bias)
-        # Only the last layer can skip tokens: every token is a key in all earlier ones.
-        return self.layers[-1](x, batch, bias, rows)
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            # Only the last layer can skip tokens: every token is a key in all earlier ones.
+            x = layer(x, batch, bias, rows if index == last else None)
+        return x
 
     def _relative_bias(self, length: int, device: torch.device) -> torch.Tensor | None:
         """MPNet: a learned bias per head for each bucket of relative distance. [H, L, L]"""
