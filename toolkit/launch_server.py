@@ -19,6 +19,7 @@ LOG_FORMAT = "[%(asctime)s] %(message)s"
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number, from <malloc.h>
 _MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value
+_TORCH_THP_ENV = "THP_MEM_ALLOC_ENABLE"
 
 
 def configure_logging(level: str) -> None:
@@ -50,12 +51,25 @@ def pin_mmap_threshold() -> None:
         logger.debug("mallopt is unavailable: the C library's own memory policy stays")
 
 
+def use_transparent_huge_pages() -> None:
+    """Ask torch to back its CPU tensors of 2 MiB and more with transparent huge pages.
+
+    With the mmap threshold pinned, every large activation is a fresh mapping whose pages fault
+    in one by one; huge pages fault in 512 times fewer steps. On the 2-core CI machine a
+    32-input MiniLM batch took 1.26-1.44 s instead of 1.59-1.73 s, RSS unchanged. torch reads the
+    switch once, at its first allocation, so this must run before torch is imported; a value the
+    user set is kept. Where the kernel offers no huge pages, torch's madvise is a no-op.
+    """
+    os.environ.setdefault(_TORCH_THP_ENV, "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = ServerArgs.from_cli(argv)
     # The inherited socket is ours alone: processes we start must not see it.
     os.environ.pop(LISTEN_FD_ENV, None)
     configure_logging(args.log_level)
     pin_mmap_threshold()
+    use_transparent_huge_pages()
     logger.info("server_args=%s", args.describe())
 
     from toolkit.startup import load_engine, prepare
