@@ -52,22 +52,29 @@ def _padded_sdpa(
     query_rows: torch.Tensor | None,
 ) -> torch.Tensor:
     num_seqs, length = batch.num_seqs, batch.max_seqlen
-    index = batch.padded_index
+    # A lone sequence has no padding: views replace the scatter, the gather and the key mask
+    # (a lone short request on a CPU is latency-bound, and these were a tenth of its layers).
+    single = num_seqs == 1
 
     def to_padded(x: torch.Tensor) -> torch.Tensor:  # [T, H, d] -> [B, H, L, d]
+        if single:
+            return x[None].transpose(1, 2)
         padded = x.new_zeros(num_seqs * length, x.shape[1], x.shape[2])
-        padded[index] = x
+        padded[batch.padded_index] = x
         return padded.view(num_seqs, length, x.shape[1], x.shape[2]).transpose(1, 2)
 
-    mask = batch.key_padding_mask[:, None, None, :]  # [B, 1, 1, L]
+    mask = None if single else batch.key_padding_mask[:, None, None, :]  # [B, 1, 1, L]
     if causal:
-        mask = mask & _causal_mask(length, q.device)
-    attn_mask: torch.Tensor = mask
+        causal_mask = _causal_mask(length, q.device)
+        mask = causal_mask if mask is None else mask & causal_mask
+    attn_mask = mask
     if bias is not None:
         rows = bias[None]  # [1, H, L, L]
         if query_rows is not None:  # each query's own row of the bias: [B, H, 1, L]
             rows = bias[:, batch.position_ids[query_rows].long()].transpose(0, 1)[:, :, None]
-        attn_mask = rows.to(q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+        attn_mask = rows.to(q.dtype)
+        if mask is not None:
+            attn_mask = attn_mask.masked_fill(~mask, torch.finfo(q.dtype).min)
     gqa = q.shape[1] != k.shape[1]
     queries = q[:, :, None] if query_rows is not None else to_padded(q)  # [B, H, 1 or L, d]
     out = F.scaled_dot_product_attention(
@@ -76,7 +83,7 @@ def _padded_sdpa(
     if query_rows is not None:
         return out[:, :, 0]
     out = out.transpose(1, 2).reshape(num_seqs * length, q.shape[1], q.shape[2])
-    return out[index]
+    return out if single else out[batch.padded_index]
 
 
 @functools.lru_cache(maxsize=8)
