@@ -3,16 +3,19 @@
     python benchmarks/profile_forward.py --shape gte-qwen2-1.5b
 
 Times the runner's launch-to-result path (pack, copy, forward, pool, copy back) eager and
-compiled, and prints the profiler's top operators for the short input, whose latency is all
-launch overhead.
+compiled, prints the profiler's top operators for the short input, whose latency is all
+launch overhead, and the GPU kernels of the full batch grouped by name (where the device time goes).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,6 +35,23 @@ def timed(runner: Runner, items: list[WorkItem], repeats: int) -> float:
     for _ in range(repeats):
         runner.run(items)
     return (time.perf_counter() - started) / repeats
+
+
+def kernel_table(run: Callable[[], object], top: int = 14) -> None:
+    """GPU kernel time of one call of `run`, grouped by kernel name, largest first."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[event.name[:80]].append(event.device_time)
+    total = sum(sum(times) for times in by_name.values())
+    print(f"  GPU kernels: {total / 1000:.2f} ms in all")
+    for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"  {100 * sum(times) / total:5.1f}% {sum(times) / 1000:7.2f} ms x{len(times):4d}  {name}")
 
 
 def main() -> None:
@@ -63,6 +83,7 @@ def main() -> None:
             f"{tokens}-token batch {1000 * full_s:.1f} ms = {tokens / full_s:,.0f} tok/s",
             flush=True,
         )
+        kernel_table(functools.partial(runner.run, full))
         if compiled:
             plain = runner.run(short)[0]
             runner.capture_graphs(short[0].token_ids * 32, 512)
