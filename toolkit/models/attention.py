@@ -13,12 +13,15 @@ layer whose output is pooled from one token (CLS, last token) needs nothing else
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from toolkit.packing import PackedBatch
+
+logger = logging.getLogger(__name__)
 
 
 def packed_attention(
@@ -36,8 +39,10 @@ def packed_attention(
         # whole sequence: so no causal mask is needed (the models only ask for that case).
         q, causal = q[query_rows], False
     # Checked in this order: a CPU server never asks for the CUDA kernel.
-    if bias is None and q.is_cuda and q.dtype != torch.float32 and (varlen := _varlen_kernel()) is not None:
-        return varlen(q, k, v, batch, causal)
+    if bias is None and q.is_cuda and q.dtype != torch.float32:
+        varlen = _varlen_kernel(q.device, q.dtype, q.shape[-1])
+        if varlen is not None:
+            return varlen(q, k, v, batch, causal)
     return _padded_sdpa(q, k, v, batch, causal=causal, bias=bias, query_rows=query_rows)
 
 
@@ -54,7 +59,7 @@ def _padded_sdpa(
     num_seqs, length = batch.num_seqs, batch.max_seqlen
     # A lone sequence has no padding: views replace the scatter, the gather and the key mask
     # (a lone short request on a CPU is latency-bound, and these were a tenth of its layers).
-    single = num_seqs == 1
+    single = num_seqs == 1 and batch.num_tokens == length
 
     def to_padded(x: torch.Tensor) -> torch.Tensor:  # [T, H, d] -> [B, H, L, d]
         if single:
@@ -94,19 +99,28 @@ def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
 VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch, bool], torch.Tensor]
 
 
-@functools.lru_cache(maxsize=1)
-def _varlen_kernel() -> VarlenKernel | None:
-    """Flash attention over `cu_seqlens` where this torch build has it, else None.
+@functools.lru_cache(maxsize=8)
+def _varlen_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> VarlenKernel | None:
+    """Flash attention over `cu_seqlens` where this torch build and card run it, else None.
 
     This is the ATen op that `torch.nn.attention.varlen.varlen_attn` wraps, called directly: the
     wrapper's custom-op layers cost host time in every layer, and BERT-sized models are bound by
     host time when serving. The op also takes fewer key/value heads than query heads as they are
-    (grouped-query attention), so nothing repeats them.
+    (grouped-query attention), so nothing repeats them. One tiny call decides, once per device,
+    dtype and head size, whether the kernel exists here (it needs Ampere or newer, and has a
+    largest head size); where it does not, attention falls back to padded SDPA.
     """
     flash = getattr(torch.ops.aten, "_flash_attention_forward", None)
-    if flash is None or not torch.cuda.is_available():
+    if flash is None:
         return None
-    if torch.cuda.get_device_capability()[0] < 8:  # flash attention needs Ampere or newer
+    try:
+        probe = torch.zeros(2, 1, head_dim, device=device, dtype=dtype)
+        cu = torch.tensor([0, 2], dtype=torch.int32, device=device)
+        flash(probe, probe, probe, cu, cu, 2, 2, 0.0, False, False)
+    except RuntimeError as exc:
+        logger.warning(
+            "no flash attention for %s, head size %d (%s): padded attention instead", dtype, head_dim, exc
+        )
         return None
 
     def run(
