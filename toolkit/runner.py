@@ -113,6 +113,10 @@ class Runner:
         self.device = device
         self.pooling_modes = tuple(pooling_modes)
         self.normalize_output = normalize_output
+        # One pooling mode that reads a single token the model can compute alone (CLS, last
+        # token): the last layer then runs on those rows only. Fixed for the model's lifetime.
+        single_mode = self.pooling_modes[0] if len(self.pooling_modes) == 1 else None
+        self.row_mode = single_mode if single_mode in model.row_pooling_modes else None
         # Tests inject faults here (e.g. raise torch.OutOfMemoryError for large batches).
         self.fault_hook: Callable[[PackedBatch], None] | None = None
         self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
@@ -195,8 +199,8 @@ class Runner:
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """The device work of a batch already on the device: forward, pooling, normalization."""
-        if len(self.pooling_modes) == 1 and self.pooling_modes[0] in self.model.row_pooling_modes:
-            rows = token_rows(batch, self.pooling_modes[0])
+        if self.row_mode is not None:
+            rows = token_rows(batch, self.row_mode)
             embeddings = self.model.forward(batch, rows).float()
         else:
             embeddings = pool(self.model.forward(batch, None), batch, self.pooling_modes)
