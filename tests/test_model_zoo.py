@@ -255,3 +255,23 @@ def test_last_layer_on_pooled_rows_equals_full_forward(zoo: Callable[[str], Path
             # Float32 rounding only: the matrix products see fewer rows.
             difference = (model.forward(batch, rows) - full[rows]).abs().max()
             assert difference <= 1e-6 * full.abs().max(), (mode, float(difference))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_gives_the_same_embeddings(zoo: Callable[[str], Path], family: str) -> None:
+    """CUDA graphs run batches padded to a bucket shape; the real rows must not change."""
+    from toolkit.cuda_graphs import GraphShape
+    from toolkit.models import load_model
+    from toolkit.packing import pack
+    from toolkit.runner import Runner
+
+    model = load_model(zoo(family), torch.device("cpu"), torch.float32)
+    batch = pack([[5, 6, 7], [8], [9, 10, 11, 12, 13, 14]], [1, 0, 2])
+    shape = GraphShape.fitting(batch)
+    padded = batch.padded(shape.tokens, shape.seqs, shape.max_seqlen)
+    for modes in (["mean"], ["cls"], ["lasttoken"], ["max", "mean"]):
+        runner = Runner(model, torch.device("cpu"), modes, normalize_output=True)
+        with torch.inference_mode():
+            alone, inside = runner.embed(batch), runner.embed(padded)[: batch.num_seqs]
+        runner.shutdown()
+        assert (alone - inside).abs().max() <= 1e-6, (modes, float((alone - inside).abs().max()))

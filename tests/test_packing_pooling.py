@@ -82,3 +82,36 @@ def test_several_modes_concatenate_in_order() -> None:
 def test_normalize_gives_unit_rows() -> None:
     out = normalize(torch.randn(5, 7))
     torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
+
+
+def test_padded_layout() -> None:
+    """A batch grown for a graph shape: real rows first, then empty sequences, then padding."""
+    batch = pack(SEQS, [1, 0, 2]).padded(tokens=12, seqs=5, max_seqlen=8)
+    assert batch.input_ids.tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13, 0, 0, 0]
+    assert batch.position_ids.tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4, 0, 0, 0]
+    assert batch.seq_ids.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2, 4, 4, 4]
+    assert batch.cu_seqlens.tolist() == [0, 3, 4, 9, 9, 12]
+    assert batch.pool_starts.tolist() == [1, 0, 2, 0, 0]
+    assert batch.seqlens == [3, 1, 5, 0, 3] and batch.max_seqlen == 8 and batch.skips_tokens
+    with pytest.raises(ValueError):
+        pack(SEQS).padded(tokens=9, seqs=5, max_seqlen=8)  # no room for the padding sequence
+
+
+@pytest.mark.parametrize("mode", ["mean", "max", "cls", "lasttoken", "weightedmean"])
+def test_padding_changes_no_pooled_row(mode: str) -> None:
+    batch = pack(SEQS, [1, 0, 2])
+    padded = batch.padded(tokens=16, seqs=8, max_seqlen=8)
+    hidden = torch.randn(padded.num_tokens, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pool(hidden, padded, [mode])[:3], pool(hidden[:9], batch, [mode]))
+
+
+def test_graph_shapes_bound_the_padding() -> None:
+    from toolkit.cuda_graphs import GraphShape
+
+    for lengths in ([1], [15], [16], [255], [256], [300, 2], [512] * 31 + [300], [100] * 300):
+        batch = pack([[1] * n for n in lengths])
+        shape = GraphShape.fitting(batch)
+        assert shape.tokens > batch.num_tokens and shape.seqs > batch.num_seqs
+        assert shape.max_seqlen >= batch.max_seqlen
+        if batch.num_tokens >= 256:  # where the GPU works hard, at most 1/16 is padding
+            assert shape.tokens - batch.num_tokens <= batch.num_tokens / 16

@@ -1,92 +1,177 @@
-"""CUDA graphs for one short input: its latency is all kernel-launch overhead otherwise.
+"""CUDA graphs over bucketed batch shapes: one graph launch instead of hundreds of kernel launches.
 
-A lone short request launches a few hundred small kernels (28 layers of gte-Qwen2 took about
-23 ms of host time on an H100 machine for 8 tokens), while the GPU work is well under a
-millisecond. The whole embed step (forward, pooling, normalization) is captured once per token
-bucket and replayed. The input is padded to the bucket as a second sequence of its own, so it
-never attends to the padding and pooling reads only its own row.
+Serving BERT-sized models is bound by host time, not by the GPU: launching a 12-layer forward
+costs the device thread about as long as the GPU takes to run it, and it shares the GIL with the
+event loop. A lone short input is all launch overhead. So the whole embed step (forward, pooling,
+normalization) is captured once per `GraphShape` and replayed.
+
+A batch is padded up to its shape's bucket (see `PackedBatch.padded`): the padding is a sequence
+of its own, so no real row changes. Buckets are coarse where batches are small (powers of two)
+and within 1/64 of the batch above 256 tokens, so padding costs little where the GPU works hard.
+A shape is captured the second time it is seen, so a one-off shape never pays for a capture;
+lone inputs of up to 256 tokens are captured at start-up. All graphs share one memory pool, which
+is safe because one thread replays them one after another on one stream.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from toolkit.packing import PackedBatch, pack
 
 logger = logging.getLogger(__name__)
 
-BUCKETS = (16, 32, 64, 128, 256)
+# Graphs kept at once; the least recently replayed goes first. Under steady load a handful of
+# shapes recur (full batches); the cap bounds capture work when traffic keeps changing shape.
+MAX_GRAPHS = 64
+LONE_INPUT_TOKENS = 256  # lone inputs up to this length have their graphs captured at start-up
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    tokens: int  # more than the batch's tokens: the rest form the padding sequence
+    seqs: int  # more than the batch's sequences: empty ones, then the padding sequence
+    max_seqlen: int
+
+    @classmethod
+    def fitting(cls, batch: PackedBatch) -> GraphShape:
+        return cls(
+            _token_bucket(batch.num_tokens), _power_of_two_above(batch.num_seqs), _seqlen_bucket(batch)
+        )
+
+
+def _power_of_two_above(n: int) -> int:
+    return 1 << n.bit_length()
+
+
+def _token_bucket(tokens: int) -> int:
+    if tokens < LONE_INPUT_TOKENS:
+        return max(16, _power_of_two_above(tokens))
+    # 64 steps per doubling: at most 1/64 padding (a full gte-Qwen2 batch is GPU-bound, and
+    # 1.4 % of padding cost it as much time as graphs saved).
+    step = 1 << (tokens.bit_length() - 7)
+    return (tokens // step + 1) * step
+
+
+def _seqlen_bucket(batch: PackedBatch) -> int:
+    return max(16, 1 << (batch.max_seqlen - 1).bit_length())
+
+
+@dataclass
+class GraphStats:
+    captured: int = 0
+    capture_s: float = 0.0  # device-thread time spent capturing
+    replayed: int = 0
 
 
 class _Graph:
-    """One captured bucket: a static input buffer, the graph, and its output."""
+    """One captured shape: a static input buffer on the device, the graph, and its output."""
 
-    def __init__(self, bucket: int, device: torch.device) -> None:
-        self.bucket = bucket
-        # Layout as PackedBatch.to stages it: ids, positions, seq_ids (bucket each), cu (3), starts (2).
-        self.staged = torch.zeros(3 * bucket + 5, dtype=torch.int32, device=device)
+    def __init__(self, shape: GraphShape, template: PackedBatch, device: torch.device) -> None:
+        self.shape = shape
+        self.template = template  # a padded host batch of this shape
+        self.buffer = template.host_buffer().to(device)
         self.graph = torch.cuda.CUDAGraph()
         self.output: torch.Tensor | None = None
 
     def view(self) -> PackedBatch:
         """A fresh batch over the static buffer. Fresh, because a batch caches tensors derived
-        from its fields (seq_index...): the captured graph must compute them itself."""
-        bucket = self.bucket
-        ids, positions, seq_ids, cu, starts = self.staged.split([bucket, bucket, bucket, 3, 2])
-        # skips_tokens=True: pooling honours pool_starts, which are 0 when there is no prompt.
-        return PackedBatch(ids, positions, seq_ids, cu, starts, bucket, [1, bucket - 1], skips_tokens=True)
+        from its fields (seq_index...): the captured graph must compute them itself.
+        skips_tokens=True: the graph honours pool_starts, whatever the batch it replays."""
+        template = self.template
+        return PackedBatch.over(self.buffer, template.seqlens, template.max_seqlen, skips_tokens=True)
 
-    def fill(self, batch: PackedBatch) -> None:
-        """Copy a one-input batch into the static buffer (its tail becomes a padding sequence)."""
-        length, bucket = batch.num_tokens, self.bucket
-        host = np.zeros(3 * bucket + 5, dtype=np.int32)
-        host[:length] = batch.input_ids.numpy()
-        host[bucket : bucket + length] = np.arange(length)
-        host[bucket + length : 2 * bucket] = np.arange(bucket - length)
-        host[2 * bucket + length : 3 * bucket] = 1
-        host[3 * bucket : 3 * bucket + 3] = (0, length, bucket)
-        host[3 * bucket + 3] = int(batch.pool_starts[0])
-        self.staged.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+    def replay(self, batch: PackedBatch) -> torch.Tensor:
+        """Three torch calls per batch: the padding is written by numpy into pinned memory (the
+        host allocator keeps that block until the copy has run)."""
+        assert self.output is not None
+        staging = torch.empty(self.buffer.shape, dtype=torch.int32, pin_memory=True)
+        batch.write_padded(staging.numpy(), self.shape.tokens, self.shape.seqs)
+        self.buffer.copy_(staging, non_blocking=True)
+        self.graph.replay()
+        return self.output
 
 
-class SingleInputGraphs:
+class BatchGraphs:
+    """The embed step's CUDA graphs, one per GraphShape, captured on demand."""
+
     def __init__(self, embed: Callable[[PackedBatch], torch.Tensor], device: torch.device) -> None:
         self.embed = embed
         self.device = device
-        self.graphs: list[_Graph] = []
+        self.enabled = True
+        self.stats = GraphStats()
+        self._graphs: OrderedDict[GraphShape, _Graph] = OrderedDict()
+        self._sightings: Counter[GraphShape] = Counter()
+        self._too_large: set[GraphShape] = set()
+        self._pool: tuple[int, int] | None = None
+        self._stream = torch.cuda.Stream(device)
 
-    def capture(self, sample_ids: list[int], max_tokens: int) -> None:
-        """Capture every bucket that fits the model; on any failure serve without graphs."""
-        pool = None
-        try:
-            for bucket in (b for b in BUCKETS if b <= max_tokens):
-                graph = _Graph(bucket, self.device)
-                graph.fill(pack([sample_ids[: bucket // 2] or [0]]))
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side), torch.inference_mode():
-                    for _ in range(2):  # compile and settle allocations outside the capture
-                        self.embed(graph.view())
-                torch.cuda.current_stream().wait_stream(side)
-                with torch.cuda.graph(graph.graph, pool=pool), torch.inference_mode():
-                    graph.output = self.embed(graph.view())
-                pool = graph.graph.pool()
-                self.graphs.append(graph)
-        except Exception:
-            logger.warning("CUDA graph capture failed; serving without graphs", exc_info=True)
-            self.graphs = []
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def capture_lone_inputs(self, sample_ids: list[int], max_tokens: int) -> None:
+        """Capture the shapes of every lone input up to LONE_INPUT_TOKENS, so that the first
+        short request is already fast."""
+        for length in range(1, min(LONE_INPUT_TOKENS, max_tokens) + 1):
+            batch = pack([(sample_ids * length)[:length] or [0] * length])
+            shape = GraphShape.fitting(batch)
+            if shape not in self._graphs and self.enabled:
+                self._capture(shape, batch)
 
     def run(self, batch: PackedBatch) -> torch.Tensor | None:
-        """Embeddings [1, D] of a one-input batch by graph replay, or None when no bucket fits."""
-        if batch.num_seqs != 1:
+        """Embeddings [B, D] of a host batch by graph replay, or None to run it without a graph."""
+        if not self.enabled:
             return None
-        graph = next((g for g in self.graphs if g.bucket > batch.num_tokens), None)
-        if graph is None or graph.output is None:
+        shape = GraphShape.fitting(batch)
+        graph = self._graphs.get(shape)
+        if graph is None:
+            self._sightings[shape] += 1
+            if self._sightings[shape] < 2 or shape in self._too_large:
+                return None
+            graph = self._capture(shape, batch)
+            if graph is None:
+                return None
+        self._graphs.move_to_end(shape)
+        self.stats.replayed += 1
+        return graph.replay(batch)[: batch.num_seqs]
+
+    @torch.inference_mode()
+    def _capture(self, shape: GraphShape, batch: PackedBatch) -> _Graph | None:
+        started = time.perf_counter()
+        try:
+            graph = _Graph(shape, batch.padded(shape.tokens, shape.seqs, shape.max_seqlen), self.device)
+            # The first call (on the capture stream, like the capture) compiles what needs
+            # compiling and settles the allocator; nothing of it may happen during capture.
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                self.embed(graph.view())
+                # thread_local: the finishing thread keeps synchronizing on earlier batches.
+                graph.graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    graph.output = self.embed(graph.view())
+                finally:
+                    graph.graph.capture_end()
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        except torch.OutOfMemoryError:
+            logger.warning("no memory for a CUDA graph of %s; such batches run without one", shape)
+            self._too_large.add(shape)
+            torch.cuda.empty_cache()
             return None
-        graph.fill(batch)
-        graph.graph.replay()
-        return graph.output[:1]
+        except Exception:
+            logger.warning("CUDA graph capture failed; serving without graphs", exc_info=True)
+            self.enabled = False
+            self._graphs.clear()
+            return None
+        self._pool = graph.graph.pool()
+        self._graphs[shape] = graph
+        self.stats.captured += 1
+        self.stats.capture_s += time.perf_counter() - started
+        if len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return graph

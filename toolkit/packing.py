@@ -67,12 +67,50 @@ class PackedBatch:
         device = torch.device(device)
         if device.type == "cpu":
             return self
+        buffer = self.host_buffer().pin_memory().to(device, non_blocking=True)
+        return PackedBatch.over(buffer, self.seqlens, self.max_seqlen, self.skips_tokens)
+
+    def host_buffer(self) -> torch.Tensor:
+        """Ids, positions, sequence ids, cu_seqlens and pool starts end to end in one int32 tensor."""
         parts = (self.input_ids, self.position_ids, self.seq_ids, self.cu_seqlens, self.pool_starts)
-        staged = torch.cat(parts).pin_memory().to(device, non_blocking=True)
-        ids, positions, seq_ids, cu, starts = staged.split([len(p) for p in parts])
-        return PackedBatch(
-            ids, positions, seq_ids, cu, starts, self.max_seqlen, self.seqlens, self.skips_tokens
-        )
+        return torch.cat(parts)
+
+    @staticmethod
+    def over(buffer: torch.Tensor, seqlens: list[int], max_seqlen: int, skips_tokens: bool) -> PackedBatch:
+        """A batch whose tensors are views of `buffer`, laid out as `host_buffer` lays them."""
+        tokens, seqs = sum(seqlens), len(seqlens)
+        ids, positions, seq_ids, cu, starts = buffer.split([tokens, tokens, tokens, seqs + 1, seqs])
+        return PackedBatch(ids, positions, seq_ids, cu, starts, max_seqlen, seqlens, skips_tokens)
+
+    def padded(self, tokens: int, seqs: int, max_seqlen: int) -> PackedBatch:
+        """This host batch grown to `tokens` tokens and `seqs` sequences (see `write_padded`)."""
+        if max_seqlen < self.max_seqlen:
+            raise ValueError(f"max_seqlen {max_seqlen} is below the batch's {self.max_seqlen}")
+        buffer = np.empty(3 * tokens + 2 * seqs + 1, dtype=np.int32)
+        self.write_padded(buffer, tokens, seqs)
+        seqlens = self.seqlens + [0] * (seqs - self.num_seqs - 1) + [tokens - self.num_tokens]
+        return PackedBatch.over(torch.from_numpy(buffer), seqlens, max_seqlen, self.skips_tokens)
+
+    def write_padded(self, out: np.ndarray, tokens: int, seqs: int) -> None:
+        """Write this host batch into `out` in the `host_buffer` layout, grown to exactly `tokens`
+        tokens and `seqs` sequences: the shape a CUDA graph was captured at. The real sequences
+        keep their rows; empty sequences follow, then one padding sequence holding the remaining
+        tokens (at least one, so every sequence's first row exists). No row depends on another
+        sequence's, so padding changes no real row; its own rows are garbage nobody reads.
+
+        numpy only: the device thread runs this for every batch, and each torch call there hands
+        the GIL to the busy event loop and waits to get it back."""
+        real_tokens, real_seqs = self.num_tokens, self.num_seqs
+        if tokens <= real_tokens or seqs <= real_seqs:
+            raise ValueError(f"cannot pad {real_tokens} tokens, {real_seqs} sequences to a smaller shape")
+        ids, positions, seq_ids, cu, starts = np.split(out, np.cumsum([tokens, tokens, tokens, seqs + 1]))
+        # Padding tokens are token 0 at position 0: valid for every embedding table.
+        ids[:real_tokens], ids[real_tokens:] = self.input_ids.numpy(), 0
+        positions[:real_tokens], positions[real_tokens:] = self.position_ids.numpy(), 0
+        seq_ids[:real_tokens], seq_ids[real_tokens:] = self.seq_ids.numpy(), seqs - 1
+        cu[: real_seqs + 1], cu[real_seqs + 1 :] = self.cu_seqlens.numpy(), real_tokens
+        cu[-1] = tokens
+        starts[:real_seqs], starts[real_seqs:] = self.pool_starts.numpy(), 0
 
 
 def pack(sequences: Sequence[Sequence[int]], pool_starts: Sequence[int] | None = None) -> PackedBatch:

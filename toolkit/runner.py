@@ -24,7 +24,7 @@ from toolkit.packing import PackedBatch, pack
 from toolkit.pooling import normalize, pool, token_rows
 
 if TYPE_CHECKING:
-    from toolkit.cuda_graphs import SingleInputGraphs
+    from toolkit.cuda_graphs import BatchGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Runner:
         self._finish_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._broken = threading.Event()
         self.stats = RunnerStats()
-        self.graphs: SingleInputGraphs | None = None
+        self.graphs: BatchGraphs | None = None
 
     @property
     def alive(self) -> bool:
@@ -143,6 +143,14 @@ class Runner:
         self._device_thread.shutdown(wait=True, cancel_futures=True)
         self._finish_thread.shutdown(wait=True, cancel_futures=True)
         logger.info("%s", self.stats.summary())
+        if self.graphs is not None:
+            graph_stats = self.graphs.stats
+            logger.info(
+                "CUDA graphs: %d captured in %.2f s, %d batches replayed",
+                graph_stats.captured,
+                graph_stats.capture_s,
+                graph_stats.replayed,
+            )
 
     def _launch_guarded(self, items: list[WorkItem], future: Future[list[ItemResult]]) -> None:
         try:
@@ -207,12 +215,13 @@ class Runner:
         return normalize(embeddings) if self.normalize_output else embeddings
 
     def capture_graphs(self, sample_ids: list[int], max_tokens: int) -> None:
-        """Serve lone short inputs by CUDA graph replay (CUDA only)."""
-        from toolkit.cuda_graphs import SingleInputGraphs
+        """Serve batches by CUDA graph replay (CUDA only): lone short inputs' graphs are captured
+        now, other batch shapes when they recur."""
+        from toolkit.cuda_graphs import BatchGraphs
 
-        graphs = SingleInputGraphs(self.embed, self.device)
-        graphs.capture(sample_ids, max_tokens)
-        self.graphs = graphs if graphs.graphs else None
+        graphs = BatchGraphs(self.embed, self.device)
+        graphs.capture_lone_inputs(sample_ids, max_tokens)
+        self.graphs = graphs if graphs.enabled else None
 
     def _release_cached_memory(self) -> None:
         if self.device.type == "cuda":

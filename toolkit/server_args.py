@@ -169,6 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="replay CUDA graphs for lone short inputs (CUDA only; default on)",
+        help="replay CUDA graphs of recurring batch shapes, padded to buckets (CUDA only; default on)",
     )
     return parser
