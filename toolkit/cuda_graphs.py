@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 # shapes recur (full batches); the cap bounds capture work when traffic keeps changing shape.
 MAX_GRAPHS = 64
 LONE_INPUT_TOKENS = 256  # lone inputs up to this length have their graphs captured at start-up
+# Graphs pay off while launching a forward's kernels takes about as long as running them. Past
+# this many FLOPs of weight products per batch (gte-Qwen2-1.5B: 10k tokens, some 40 ms of an
+# H200), the GPU's time hides the next batch's launches, and a graph would only add padding and
+# captures (52 captures took 5.9 s of a 30 s gte-Qwen2 benchmark). BERT-base stays under it.
+MAX_GRAPH_BATCH_FLOPS = 30e12
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,12 @@ class _Graph:
 class BatchGraphs:
     """The embed step's CUDA graphs, one per GraphShape, captured on demand."""
 
-    def __init__(self, embed: Callable[[PackedBatch], torch.Tensor], device: torch.device) -> None:
+    def __init__(
+        self, embed: Callable[[PackedBatch], torch.Tensor], device: torch.device, flops_per_token: float
+    ) -> None:
         self.embed = embed
         self.device = device
+        self.max_tokens = int(MAX_GRAPH_BATCH_FLOPS / flops_per_token)
         self.enabled = True
         self.stats = GraphStats()
         self._graphs: OrderedDict[GraphShape, _Graph] = OrderedDict()
@@ -126,7 +134,7 @@ class BatchGraphs:
 
     def run(self, batch: PackedBatch) -> torch.Tensor | None:
         """Embeddings [B, D] of a host batch by graph replay, or None to run it without a graph."""
-        if not self.enabled:
+        if not self.enabled or batch.num_tokens > self.max_tokens:
             return None
         shape = GraphShape.fitting(batch)
         graph = self._graphs.get(shape)

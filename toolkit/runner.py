@@ -216,10 +216,12 @@ class Runner:
 
     def capture_graphs(self, sample_ids: list[int], max_tokens: int) -> None:
         """Serve batches by CUDA graph replay (CUDA only): lone short inputs' graphs are captured
-        now, other batch shapes when they recur."""
+        now, other batch shapes when they recur, up to a batch size where launches cost nothing."""
         from toolkit.cuda_graphs import BatchGraphs
 
-        graphs = BatchGraphs(self.embed, self.device)
+        # Two FLOPs per weight and token: the matrix products' share of a forward.
+        flops_per_token = 2.0 * sum(p.numel() for p in self.model.module.parameters())
+        graphs = BatchGraphs(self.embed, self.device, flops_per_token)
         graphs.capture_lone_inputs(sample_ids, max_tokens)
         self.graphs = graphs if graphs.enabled else None
 
