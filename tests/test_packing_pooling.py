@@ -115,3 +115,29 @@ def test_graph_shapes_bound_the_padding() -> None:
         assert shape.max_seqlen >= batch.max_seqlen
         if batch.num_tokens >= 256:  # where the GPU works hard, at most 1/16 is padding
             assert shape.tokens - batch.num_tokens <= batch.num_tokens / 16
+
+
+def test_length_groups_cover_the_batch_with_bounded_padding() -> None:
+    from toolkit.packing import MAX_GROUP_PADDING
+
+    lengths = [200, 190, 150, 120, 90, 60, 59, 58, 30, 8, 7, 1]
+    batch = pack([list(range(1, n + 1)) for n in lengths], list(range(len(lengths))))
+    groups = batch.length_groups
+    assert len(groups) > 1
+    next_seq = next_token = 0
+    for group in groups:
+        sub = group.batch
+        assert (group.seqs.start, group.tokens.start) == (next_seq, next_token)
+        next_seq, next_token = group.seqs.stop, group.tokens.stop
+        assert sub.seqlens == lengths[group.seqs] and sub.max_seqlen == max(sub.seqlens)
+        assert sub.num_seqs == 1 or sub.num_seqs * sub.max_seqlen <= (1 + MAX_GROUP_PADDING) * sub.num_tokens
+        # The group is a batch of its own: its tensors are the batch's, rebased.
+        assert torch.equal(sub.input_ids, batch.input_ids[group.tokens])
+        assert sub.cu_seqlens.tolist() == [
+            c - group.tokens.start for c in batch.cu_seqlens.tolist()[group.seqs.start : group.seqs.stop + 1]
+        ]
+        assert sub.seq_index.tolist() == [
+            i - group.seqs.start for i in batch.seq_index.tolist()[group.tokens]
+        ]
+        assert torch.equal(sub.pool_starts, batch.pool_starts[group.seqs])
+    assert (next_seq, next_token) == (batch.num_seqs, batch.num_tokens)

@@ -16,6 +16,9 @@ from functools import cached_property
 import numpy as np
 import torch
 
+# How much padding a length group may add to its real tokens (see PackedBatch.length_groups).
+MAX_GROUP_PADDING = 0.3
+
 
 @dataclass
 class PackedBatch:
@@ -61,6 +64,40 @@ class PackedBatch:
         mask = torch.zeros(self.num_seqs * self.max_seqlen, dtype=torch.bool, device=self.device)
         mask[self.padded_index] = True
         return mask.view(self.num_seqs, self.max_seqlen)
+
+    @cached_property
+    def length_groups(self) -> list[SequenceGroup]:
+        """Runs of neighbouring sequences of similar length, for attention over a padded layout:
+        each run is padded only to its own longest sequence. A run grows while padding stays
+        under MAX_GROUP_PADDING of its tokens; sorted by length, a batch of 16-512 tokens splits
+        into about five runs, and its attention does about a third of the single layout's work."""
+        groups: list[SequenceGroup] = []
+        first_seq = first_token = tokens = longest = 0
+        for index, length in enumerate(self.seqlens):
+            count, widest = index - first_seq + 1, max(longest, length)
+            if index > first_seq and count * widest > (1 + MAX_GROUP_PADDING) * (tokens + length):
+                groups.append(self._group(first_seq, index, first_token))
+                first_seq, first_token, tokens, widest = index, first_token + tokens, 0, length
+            tokens, longest = tokens + length, widest
+        groups.append(self._group(first_seq, self.num_seqs, first_token))
+        return groups
+
+    def _group(self, first_seq: int, end_seq: int, first_token: int) -> SequenceGroup:
+        seqlens = self.seqlens[first_seq:end_seq]
+        seqs, tokens = slice(first_seq, end_seq), slice(first_token, first_token + sum(seqlens))
+        if first_seq == 0 and end_seq == self.num_seqs:
+            return SequenceGroup(seqs, tokens, self)
+        batch = PackedBatch(
+            input_ids=self.input_ids[tokens],
+            position_ids=self.position_ids[tokens],
+            seq_ids=self.seq_ids[tokens] - first_seq,
+            cu_seqlens=self.cu_seqlens[first_seq : end_seq + 1] - first_token,
+            pool_starts=self.pool_starts[seqs],
+            max_seqlen=max(seqlens),
+            seqlens=seqlens,
+            skips_tokens=self.skips_tokens,
+        )
+        return SequenceGroup(seqs, tokens, batch)
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """The same batch on `device`: one pinned buffer, one non-blocking copy."""
@@ -111,6 +148,15 @@ class PackedBatch:
         cu[: real_seqs + 1], cu[real_seqs + 1 :] = self.cu_seqlens.numpy(), real_tokens
         cu[-1] = tokens
         starts[:real_seqs], starts[real_seqs:] = self.pool_starts.numpy(), 0
+
+
+@dataclass(frozen=True)
+class SequenceGroup:
+    """Sequences `seqs` of a batch, which hold its tokens `tokens`, as a batch of their own."""
+
+    seqs: slice
+    tokens: slice
+    batch: PackedBatch
 
 
 def pack(sequences: Sequence[Sequence[int]], pool_starts: Sequence[int] | None = None) -> PackedBatch:

@@ -78,6 +78,7 @@ class _Launched:
     """A batch whose kernels are queued; its embeddings land in `host` once `done` fires."""
 
     host: torch.Tensor  # [B, D] float32 on the CPU (pinned when copied from a GPU)
+    order: list[int]  # row i of `host` belongs to item order[i]
     started: torch.cuda.Event | None
     done: torch.cuda.Event | None
 
@@ -86,7 +87,11 @@ class _Launched:
             self.done.synchronize()
             stats.device_s += self.started.elapsed_time(self.done) / 1000
         stats.last_done = time.perf_counter()
-        return list(self.host.numpy())
+        rows: list[ItemResult] = list(self.host.numpy())
+        results = rows.copy()
+        for row, item in zip(rows, self.order, strict=True):
+            results[item] = row
+        return results
 
 
 # A launched batch, or the per-item errors of one that could not launch.
@@ -183,7 +188,9 @@ class Runner:
         began = time.perf_counter()
         if self.stats.first_launch is None:
             self.stats.first_launch = began
-        batch = pack([item.token_ids for item in items], [item.pool_start for item in items])
+        # Longest first: padded attention (CPU) pads each run of similar lengths on its own.
+        order = sorted(range(len(items)), key=lambda i: -len(items[i].token_ids))
+        batch = pack([items[i].token_ids for i in order], [items[i].pool_start for i in order])
         if self.fault_hook is not None:
             self.fault_hook(batch)
         self.stats.batches += 1
@@ -197,13 +204,13 @@ class Runner:
             embeddings = self.embed(batch.to(self.device))
         if started is None:
             self.stats.launch_s += time.perf_counter() - began
-            return _Launched(embeddings, None, None)
+            return _Launched(embeddings, order, None, None)
         host = torch.empty(embeddings.shape, dtype=embeddings.dtype, pin_memory=True)
         host.copy_(embeddings, non_blocking=True)
         done = torch.cuda.Event(enable_timing=True)
         done.record()
         self.stats.launch_s += time.perf_counter() - began
-        return _Launched(host, started, done)
+        return _Launched(host, order, started, done)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """The device work of a batch already on the device: forward, pooling, normalization."""

@@ -3,8 +3,9 @@
 On CUDA with half precision, flash attention over `cu_seqlens` (the kernel behind
 `torch.nn.attention.varlen.varlen_attn`) runs on the packed tokens directly. Elsewhere (CPU,
 float32, or an additive bias such as MPNet's relative positions) the tokens are scattered into a
-[B, H, L, d] layout for `scaled_dot_product_attention` with a key-padding mask and gathered back;
-only attention sees padding, every other layer runs on the packed tokens.
+[B, H, L, d] layout for `scaled_dot_product_attention` with a key-padding mask and gathered back,
+one run of similar lengths at a time; only attention sees padding, every other layer runs on the
+packed tokens.
 
 With `query_rows`, only one token per sequence attends (the keys are still every token): a last
 layer whose output is pooled from one token (CLS, last token) needs nothing else.
@@ -43,7 +44,29 @@ def packed_attention(
         varlen = _varlen_kernel(q.device, q.dtype, q.shape[-1])
         if varlen is not None:
             return varlen(q, k, v, batch, causal)
-    return _padded_sdpa(q, k, v, batch, causal=causal, bias=bias, query_rows=query_rows)
+    groups = batch.length_groups
+    if len(groups) == 1:
+        return _padded_sdpa(q, k, v, batch, causal=causal, bias=bias, query_rows=query_rows)
+    # Each run of similar lengths is padded on its own: far less padding than one layout for
+    # all (the runner packs batches longest first, so neighbours have similar lengths).
+    outputs = []
+    for group in groups:
+        sub = group.batch
+        group_q = q[group.seqs] if query_rows is not None else q[group.tokens]
+        group_rows = None if query_rows is None else query_rows[group.seqs] - group.tokens.start
+        group_bias = None if bias is None else bias[:, : sub.max_seqlen, : sub.max_seqlen]
+        outputs.append(
+            _padded_sdpa(
+                group_q,
+                k[group.tokens],
+                v[group.tokens],
+                sub,
+                causal=causal,
+                bias=group_bias,
+                query_rows=group_rows,
+            )
+        )
+    return torch.cat(outputs)
 
 
 def _padded_sdpa(
