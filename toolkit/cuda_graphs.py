@@ -7,7 +7,7 @@ normalization) is captured once per `GraphShape` and replayed.
 
 A batch is padded up to its shape's bucket (see `PackedBatch.padded`): the padding is a sequence
 of its own, so no real row changes. Buckets are coarse where batches are small (powers of two)
-and within 1/64 of the batch above 256 tokens, so padding costs little where the GPU works hard.
+and within 1/16 of the batch above 256 tokens.
 A shape is captured the second time it is seen, so a one-off shape never pays for a capture;
 lone inputs of up to 256 tokens are captured at start-up. All graphs share one memory pool, which
 is safe because one thread replays them one after another on one stream.
@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 # Graphs kept at once; the least recently replayed goes first. Under steady load a handful of
 # shapes recur (full batches); the cap bounds capture work when traffic keeps changing shape.
-MAX_GRAPHS = 64
+# A graph's own memory is small (its buffers; activations live in the shared pool).
+MAX_GRAPHS = 256
 LONE_INPUT_TOKENS = 256  # lone inputs up to this length have their graphs captured at start-up
 # Graphs pay off while launching a forward's kernels takes about as long as running them. Past
 # this many FLOPs of weight products per batch (gte-Qwen2-1.5B: 10k tokens, some 40 ms of an
@@ -58,9 +59,10 @@ def _power_of_two_above(n: int) -> int:
 def _token_bucket(tokens: int) -> int:
     if tokens < LONE_INPUT_TOKENS:
         return max(16, _power_of_two_above(tokens))
-    # 64 steps per doubling: at most 1/64 padding (a full gte-Qwen2 batch is GPU-bound, and
-    # 1.4 % of padding cost it as much time as graphs saved).
-    step = 1 << (tokens.bit_length() - 7)
+    # 16 steps per doubling: at most 1/16 padding. Graphed batches are host-bound (see
+    # MAX_GRAPH_BATCH_FLOPS), so padding costs GPU time they have to spare; finer steps made
+    # so many shapes at 16 clients that captures took a third of a BERT-base benchmark.
+    step = 1 << (tokens.bit_length() - 5)
     return (tokens // step + 1) * step
 
 
