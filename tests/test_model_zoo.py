@@ -275,3 +275,35 @@ def test_padded_batch_gives_the_same_embeddings(zoo: Callable[[str], Path], fami
             alone, inside = runner.embed(batch), runner.embed(padded)[: batch.num_seqs]
         runner.shutdown()
         assert (alone - inside).abs().max() <= 1e-6, (modes, float((alone - inside).abs().max()))
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet", "qwen2", "qwen3"])
+def test_graph_view_computes_any_batch_of_its_shape(zoo: Callable[[str], Path], family: str) -> None:
+    """A CUDA graph is captured on one batch and replayed on others of the same shape: the
+    captured view may depend on the template's shape only, never on its lengths (on the CPU the
+    view is run directly on the new contents, as a replay would)."""
+    from toolkit.cuda_graphs import GraphShape, graph_view
+    from toolkit.models import load_model
+    from toolkit.packing import pack
+    from toolkit.runner import Runner
+
+    model = load_model(zoo(family), torch.device("cpu"), torch.float32)
+    cases = [
+        ([list(range(5, 20))], [list(range(30, 37))]),
+        ([list(range(5, 14)), [7, 8, 9], [4]], [[5, 6], list(range(20, 28)), [9, 10, 11, 12, 13]]),
+    ]
+    for captured_on, replayed in cases:
+        template_batch, batch = pack(captured_on), pack(replayed, [0, 1, 0][: len(replayed)])
+        shape = GraphShape.fitting(batch)
+        assert GraphShape.fitting(template_batch) == shape
+        template = template_batch.padded(shape.tokens, shape.seqs, shape.max_seqlen)
+        buffer = template.host_buffer().clone()
+        batch.write_padded(buffer.numpy(), shape.tokens, shape.seqs)
+        for modes in (["mean"], ["cls"], ["lasttoken"]):
+            runner = Runner(model, torch.device("cpu"), modes, normalize_output=True)
+            with torch.inference_mode():
+                expected = runner.embed(batch)
+                replay = runner.embed(graph_view(template, buffer))[: batch.num_seqs]
+            runner.shutdown()
+            difference = float((expected - replay).abs().max())
+            assert difference <= 1e-6, (modes, replayed, difference)

@@ -9,8 +9,8 @@ A batch is padded up to its shape's bucket (see `PackedBatch.padded`): the paddi
 of its own, so no real row changes. Buckets are coarse where batches are small (powers of two)
 and within 1/16 of the batch above 256 tokens.
 A shape is captured the second time it is seen, so a one-off shape never pays for a capture;
-lone inputs of up to 256 tokens are captured at start-up. All graphs share one memory pool, which
-is safe because one thread replays them one after another on one stream.
+lone inputs of up to 256 tokens are captured at start-up. All graphs share one memory pool: one
+thread replays them one after another on one stream, and copies each output out before the next.
 """
 
 from __future__ import annotations
@@ -77,6 +77,15 @@ class GraphStats:
     replayed: int = 0
 
 
+def graph_view(template: PackedBatch, buffer: torch.Tensor) -> PackedBatch:
+    """The batch a graph is captured on: `template`'s shape over `buffer`, whose contents change
+    at every replay. So it honours pool_starts (skips_tokens) whatever the batch, and derives
+    nothing from the template's host lengths (fixed_shape). Flash attention computes only the
+    first max_seqlen queries of each sequence; the padding sequence may be longer, and its
+    remaining rows, never read by a real row, are left as they were."""
+    return PackedBatch.over(buffer, template.seqlens, template.max_seqlen, True, fixed_shape=True)
+
+
 class _Graph:
     """One captured shape: a static input buffer on the device, the graph, and its output."""
 
@@ -89,10 +98,8 @@ class _Graph:
 
     def view(self) -> PackedBatch:
         """A fresh batch over the static buffer. Fresh, because a batch caches tensors derived
-        from its fields (seq_index...): the captured graph must compute them itself.
-        skips_tokens=True: the graph honours pool_starts, whatever the batch it replays."""
-        template = self.template
-        return PackedBatch.over(self.buffer, template.seqlens, template.max_seqlen, skips_tokens=True)
+        from its fields (seq_index...): the captured graph must compute them itself."""
+        return graph_view(self.template, self.buffer)
 
     def replay(self, batch: PackedBatch) -> torch.Tensor:
         """Three torch calls per batch: the padding is written by numpy into pinned memory (the
@@ -102,6 +109,8 @@ class _Graph:
         batch.write_padded(staging.numpy(), self.shape.tokens, self.shape.seqs)
         self.buffer.copy_(staging, non_blocking=True)
         self.graph.replay()
+        # Graphs share one memory pool: the next replay of any graph may overwrite this output,
+        # so the caller copies it out (on this stream) before launching anything else.
         return self.output
 
 
@@ -118,7 +127,6 @@ class BatchGraphs:
         self.stats = GraphStats()
         self._graphs: OrderedDict[GraphShape, _Graph] = OrderedDict()
         self._sightings: Counter[GraphShape] = Counter()
-        self._too_large: set[GraphShape] = set()
         self._pool: tuple[int, int] | None = None
         self._stream = torch.cuda.Stream(device)
 
@@ -142,7 +150,7 @@ class BatchGraphs:
         graph = self._graphs.get(shape)
         if graph is None:
             self._sightings[shape] += 1
-            if self._sightings[shape] < 2 or shape in self._too_large:
+            if self._sightings[shape] < 2:
                 return None
             graph = self._capture(shape, batch)
             if graph is None:
@@ -169,8 +177,8 @@ class BatchGraphs:
                     graph.graph.capture_end()
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         except torch.OutOfMemoryError:
-            logger.warning("no memory for a CUDA graph of %s; such batches run without one", shape)
-            self._too_large.add(shape)
+            logger.warning("no memory for a CUDA graph of %s; batches this large run without one", shape)
+            self.max_tokens = min(self.max_tokens, batch.num_tokens - 1)
             torch.cuda.empty_cache()
             return None
         except Exception:
@@ -183,5 +191,6 @@ class BatchGraphs:
         self.stats.captured += 1
         self.stats.capture_s += time.perf_counter() - started
         if len(self._graphs) > MAX_GRAPHS:
-            self._graphs.popitem(last=False)
+            evicted, _ = self._graphs.popitem(last=False)
+            self._sightings[evicted] = 0  # captured again only if it comes twice more
         return graph

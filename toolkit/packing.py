@@ -30,6 +30,9 @@ class PackedBatch:
     max_seqlen: int
     seqlens: list[int] = field(repr=False)  # host copy, so no device sync is needed to read it
     skips_tokens: bool = False  # whether any pool_starts is non-zero
+    # A CUDA graph's view of its static buffer: every replay writes other lengths into it, so
+    # nothing may be derived from `seqlens` but their count (and `max_seqlen`, a bucket bound).
+    fixed_shape: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -70,7 +73,10 @@ class PackedBatch:
         """Runs of neighbouring sequences of similar length, for attention over a padded layout:
         each run is padded only to its own longest sequence. A run grows while padding stays
         under MAX_GROUP_PADDING of its tokens; sorted by length, a batch of 16-512 tokens splits
-        into about five runs, and its attention does about a third of the single layout's work."""
+        into about five runs, and its attention does about a third of the single layout's work.
+        A graph's view is one run: its real lengths are only known on the device."""
+        if self.fixed_shape:
+            return [SequenceGroup(slice(0, self.num_seqs), slice(0, self.num_tokens), self)]
         groups: list[SequenceGroup] = []
         first_seq = first_token = tokens = longest = 0
         for index, length in enumerate(self.seqlens):
@@ -105,7 +111,7 @@ class PackedBatch:
         if device.type == "cpu":
             return self
         buffer = self.host_buffer().pin_memory().to(device, non_blocking=True)
-        return PackedBatch.over(buffer, self.seqlens, self.max_seqlen, self.skips_tokens)
+        return PackedBatch.over(buffer, self.seqlens, self.max_seqlen, self.skips_tokens, self.fixed_shape)
 
     def host_buffer(self) -> torch.Tensor:
         """Ids, positions, sequence ids, cu_seqlens and pool starts end to end in one int32 tensor."""
@@ -113,17 +119,24 @@ class PackedBatch:
         return torch.cat(parts)
 
     @staticmethod
-    def over(buffer: torch.Tensor, seqlens: list[int], max_seqlen: int, skips_tokens: bool) -> PackedBatch:
+    def over(
+        buffer: torch.Tensor,
+        seqlens: list[int],
+        max_seqlen: int,
+        skips_tokens: bool,
+        fixed_shape: bool = False,
+    ) -> PackedBatch:
         """A batch whose tensors are views of `buffer`, laid out as `host_buffer` lays them."""
-        tokens, seqs = sum(seqlens), len(seqlens)
-        ids, positions, seq_ids, cu, starts = buffer.split([tokens, tokens, tokens, seqs + 1, seqs])
-        return PackedBatch(ids, positions, seq_ids, cu, starts, max_seqlen, seqlens, skips_tokens)
+        ids, positions, seq_ids, cu, starts = buffer.split(_layout(sum(seqlens), len(seqlens)))
+        return PackedBatch(
+            ids, positions, seq_ids, cu, starts, max_seqlen, seqlens, skips_tokens, fixed_shape
+        )
 
     def padded(self, tokens: int, seqs: int, max_seqlen: int) -> PackedBatch:
         """This host batch grown to `tokens` tokens and `seqs` sequences (see `write_padded`)."""
         if max_seqlen < self.max_seqlen:
             raise ValueError(f"max_seqlen {max_seqlen} is below the batch's {self.max_seqlen}")
-        buffer = np.empty(3 * tokens + 2 * seqs + 1, dtype=np.int32)
+        buffer = np.empty(sum(_layout(tokens, seqs)), dtype=np.int32)
         self.write_padded(buffer, tokens, seqs)
         seqlens = self.seqlens + [0] * (seqs - self.num_seqs - 1) + [tokens - self.num_tokens]
         return PackedBatch.over(torch.from_numpy(buffer), seqlens, max_seqlen, self.skips_tokens)
@@ -140,7 +153,7 @@ class PackedBatch:
         real_tokens, real_seqs = self.num_tokens, self.num_seqs
         if tokens <= real_tokens or seqs <= real_seqs:
             raise ValueError(f"cannot pad {real_tokens} tokens, {real_seqs} sequences to a smaller shape")
-        ids, positions, seq_ids, cu, starts = np.split(out, np.cumsum([tokens, tokens, tokens, seqs + 1]))
+        ids, positions, seq_ids, cu, starts = np.split(out, np.cumsum(_layout(tokens, seqs)[:-1]))
         # Padding tokens are token 0 at position 0: valid for every embedding table.
         ids[:real_tokens], ids[real_tokens:] = self.input_ids.numpy(), 0
         positions[:real_tokens], positions[real_tokens:] = self.position_ids.numpy(), 0
@@ -148,6 +161,12 @@ class PackedBatch:
         cu[: real_seqs + 1], cu[real_seqs + 1 :] = self.cu_seqlens.numpy(), real_tokens
         cu[-1] = tokens
         starts[:real_seqs], starts[real_seqs:] = self.pool_starts.numpy(), 0
+
+
+def _layout(tokens: int, seqs: int) -> list[int]:
+    """Sizes of the parts of `PackedBatch.host_buffer`: ids, positions, sequence ids, cu_seqlens,
+    pool starts."""
+    return [tokens, tokens, tokens, seqs + 1, seqs]
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,8 @@ class Runner:
         began = time.perf_counter()
         if self.stats.first_launch is None:
             self.stats.first_launch = began
-        # Longest first: padded attention (CPU) pads each run of similar lengths on its own.
+        # Longest first: padded attention (CPU; MPNet, float32 or pre-Ampere on CUDA) pads each
+        # run of similar lengths on its own.
         order = sorted(range(len(items)), key=lambda i: -len(items[i].token_ids))
         batch = pack([items[i].token_ids for i in order], [items[i].pool_start for i in order])
         if self.fault_hook is not None:
@@ -226,7 +227,8 @@ class Runner:
         now, other batch shapes when they recur, up to a batch size where launches cost nothing."""
         from toolkit.cuda_graphs import BatchGraphs
 
-        # Two FLOPs per weight and token: the matrix products' share of a forward.
+        # Two FLOPs per parameter and token: roughly the matrix products of a forward (embedding
+        # tables count too; this only sets the batch size up to which graphs are used).
         flops_per_token = 2.0 * sum(p.numel() for p in self.model.module.parameters())
         graphs = BatchGraphs(self.embed, self.device, flops_per_token)
         graphs.capture_lone_inputs(sample_ids, max_tokens)

@@ -93,7 +93,9 @@ def _padded_sdpa(
 
     mask = None if single else batch.key_padding_mask[:, None, None, :]  # [B, 1, 1, L]
     if causal:
-        causal_mask = _causal_mask(length, q.device)
+        # Built here, not cached: a CUDA graph would keep reading a cached mask's memory after
+        # the cache let it go.
+        causal_mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
         mask = causal_mask if mask is None else mask & causal_mask
     attn_mask = mask
     if bias is not None:
@@ -112,11 +114,6 @@ def _padded_sdpa(
         return out[:, :, 0]
     out = out.transpose(1, 2).reshape(num_seqs * length, q.shape[1], q.shape[2])
     return out if single else out[batch.padded_index]
-
-
-@functools.lru_cache(maxsize=8)
-def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
 
 
 VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch, bool], torch.Tensor]
