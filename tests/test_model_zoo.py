@@ -291,9 +291,11 @@ def test_graph_view_computes_any_batch_of_its_shape(zoo: Callable[[str], Path], 
     cases = [
         ([list(range(5, 20))], [list(range(30, 37))]),
         ([list(range(5, 14)), [7, 8, 9], [4]], [[5, 6], list(range(20, 28)), [9, 10, 11, 12, 13]]),
+        # Five sequences in a shape of eight: two empty sequences before the padding one.
+        ([[5] * n for n in (3, 4, 5, 6, 7)], [[6] * n for n in (2, 9, 1, 4, 8)]),
     ]
     for captured_on, replayed in cases:
-        template_batch, batch = pack(captured_on), pack(replayed, [0, 1, 0][: len(replayed)])
+        template_batch, batch = pack(captured_on), pack(replayed, [0, 1, 0, 0, 0][: len(replayed)])
         shape = GraphShape.fitting(batch)
         assert GraphShape.fitting(template_batch) == shape
         template = template_batch.padded(shape.tokens, shape.seqs, shape.max_seqlen)
