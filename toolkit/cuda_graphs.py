@@ -20,10 +20,14 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from toolkit.packing import PackedBatch, pack
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +131,7 @@ class BatchGraphs:
         self.stats = GraphStats()
         self._graphs: OrderedDict[GraphShape, _Graph] = OrderedDict()
         self._sightings: Counter[GraphShape] = Counter()
-        self._pool: tuple[int, int] | None = None
+        self._pool: _POOL_HANDLE | None = None
         self._stream = torch.cuda.Stream(device)
 
     def __len__(self) -> int:
