@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything measured on a lent GPU: fidelity per dtype, then HTTP throughput per workload.
 # Usage (device machine, repo root, wheels carried in .whl): bash benchmarks/gpu_suite.sh OUTDIR
-# ONLY="fidelity qwen2_16_512" runs just those parts (a device call has a time limit);
+# ONLY="fidelity graphs qwen2_16_512" runs just those parts (a device call has a time limit);
 # WITH_EAGER=1 adds gte-Qwen2 served without torch.compile; PROFILE=1 profiles instead.
 set -u
 out=${1:-/tmp/gpu-results}
@@ -14,6 +14,9 @@ want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 run() { name=$1; shift; want "$name" || return 0; python3 benchmarks/serve.py "$@" --out "$out/$name.json" 2>&1 | grep -v -e Loading -e Writing -e "Batch\." -e "HTTP/1.1" -e "method=" | tail -22 | tee "$out/$name.txt"; }
 if want fidelity; then
   python3 benchmarks/gpu_fidelity.py --shape bert-base --shape gte-qwen2-1.5b 2>&1 | grep -v -e Loading -e Writing | tee "$out/fidelity.txt"
+fi
+if want graphs; then  # CUDA graph replays against the plain forward (CI has no GPU)
+  python3 benchmarks/gpu_graph_check.py 2>&1 | grep -v -e Loading -e Writing | tee "$out/graph_check.txt"
 fi
 [ -n "${WITH_EAGER:-}" ] && run qwen2_16_512_eager --shape gte-qwen2-1.5b --lengths 16-512 --num-inputs 6000 --concurrency 64 --skip-reference --server-args=--no-compile
 if [ -n "${PROFILE:-}" ]; then
