@@ -11,7 +11,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,18 +120,30 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
-def occupy_device(
-    pool: Any,
-    post: Callable[[dict[str, Any]], Any],
-    gate: DeviceGate,
-    spy: SubmitSpy,
+@contextmanager
+def device_held(
     batcher: Any,
+    gate: DeviceGate,
+    post: Callable[[dict[str, Any]], Any],
     marker: int,
-) -> tuple[Any, Any]:
-    """Fill both in-flight batch slots: one request held on the device, one handed to the device
-    thread behind it. Whatever is posted next waits in the batcher's queue."""
-    held = pool.submit(post, {"input": [ids(marker)]})
-    wait_until(lambda: len(gate.batches) == 1, "the first batch reached the device")
-    second = pool.submit(post, {"input": [ids(marker + 1)]})
-    wait_until(lambda: spy.admitted == 2 and batcher.queued_inputs == 0, "the second batch left")
-    return held, second
+    workers: int,
+) -> Iterator[tuple[ThreadPoolExecutor, Future[Any], Future[Any]]]:
+    """Install `gate` on the runner and fill both in-flight batch slots: one request held on the
+    device, one handed to the device thread behind it. Whatever is posted next waits in the
+    batcher's queue. Yields (pool, held, second); `workers` threads post. On the way out the gate
+    is released before the pool waits for its requests, so a failing test cannot hang."""
+    batcher.runner.fault_hook = gate
+    spy = SubmitSpy(batcher)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            try:
+                held = pool.submit(post, {"input": [ids(marker)]})
+                wait_until(lambda: len(gate.batches) == 1, "the first batch reached the device")
+                second = pool.submit(post, {"input": [ids(marker + 1)]})
+                wait_until(lambda: spy.admitted == 2 and batcher.queued_inputs == 0, "the second batch left")
+                yield pool, held, second
+            finally:
+                gate.released.set()
+    finally:
+        spy.restore()
+        batcher.runner.fault_hook = None

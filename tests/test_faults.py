@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +21,8 @@ import torch
 from fault_injection import (
     WAIT_S,
     DeviceGate,
-    SubmitSpy,
+    device_held,
     ids,
-    occupy_device,
     port_of,
     sample,
     scrape,
@@ -45,24 +43,14 @@ from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
 def test_full_queue_answers_429_with_retry_after_then_recovers(fresh_client) -> None:
     batcher = fresh_client.state.engine.batcher
     gate = DeviceGate(hold=1)
-    batcher.runner.fault_hook = gate
-    spy = SubmitSpy(batcher)
     post = lambda body: fresh_client.post("/v1/embeddings", json=body)  # noqa: E731
-    try:
-        with ThreadPoolExecutor(3) as pool:
-            held, second = occupy_device(pool, post, gate, spy, batcher, 1001)
-            queued = pool.submit(post, {"input": [ids(*[1003] * 8)]})  # 10 tokens wait in the queue
-            wait_until(lambda: batcher.queued_tokens == 10, "the third request queued")
-            too_many_tokens = post({"input": [ids(*[1004] * 8)]})
-            too_many_inputs = post({"input": [[1005]] * 4})
-            gate.released.set()
-            results = [
-                held.result(timeout=WAIT_S),
-                second.result(timeout=WAIT_S),
-                queued.result(timeout=WAIT_S),
-            ]
-    finally:
-        spy.restore()
+    with device_held(batcher, gate, post, marker=1001, workers=3) as (pool, held, second):
+        queued = pool.submit(post, {"input": [ids(*[1003] * 8)]})  # 10 tokens wait in the queue
+        wait_until(lambda: batcher.queued_tokens == 10, "the third request queued")
+        too_many_tokens = post({"input": [ids(*[1004] * 8)]})
+        too_many_inputs = post({"input": [[1005]] * 4})
+        gate.released.set()
+        results = [held.result(timeout=WAIT_S), second.result(timeout=WAIT_S), queued.result(timeout=WAIT_S)]
     for refused in (too_many_tokens, too_many_inputs):
         error = assert_openai_error(refused, 429)
         assert error["type"] == "rate_limit_error" and error["code"] == "server_overloaded"
@@ -76,32 +64,24 @@ def test_disconnected_clients_inputs_never_reach_the_device(threaded_server: Thr
     state = threaded_server.state
     batcher = state.engine.batcher
     gate = DeviceGate(hold=1)
-    batcher.runner.fault_hook = gate
-    spy = SubmitSpy(batcher)
     url = f"{threaded_server.url}/v1/embeddings"
     gone = 2001
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            post = lambda body: requests.post(url, json=body, timeout=WAIT_S)  # noqa: E731
-            held, second = occupy_device(pool, post, gate, spy, batcher, 2002)
-            body = json.dumps({"input": [ids(gone, gone)] * 3}).encode()
-            port = port_of(threaded_server.url)
-            with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
-                sock.sendall(
-                    b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
-                wait_until(lambda: batcher.queued_inputs == 3, "the leaving client's inputs queued")
-            # The socket is closed: the server cancels the request and its queued inputs.
-            wait_until(lambda: state.admission.in_flight == 2, "the server dropped the request")
-            gate.released.set()
-            assert held.result(timeout=WAIT_S).status_code == 200
-            assert second.result(timeout=WAIT_S).status_code == 200
-        wait_until(lambda: batcher.queued_inputs == 0, "the cancelled inputs were skipped")
-    finally:
-        spy.restore()
+    post = lambda body: requests.post(url, json=body, timeout=WAIT_S)  # noqa: E731
+    with device_held(batcher, gate, post, marker=2002, workers=2) as (_, held, second):
+        body = json.dumps({"input": [ids(gone, gone)] * 3}).encode()
+        port = port_of(threaded_server.url)
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            wait_until(lambda: batcher.queued_inputs == 3, "the leaving client's inputs queued")
+        # The socket is closed: the server cancels the request and its queued inputs.
+        wait_until(lambda: state.admission.in_flight == 2, "the server dropped the request")
         gate.released.set()
-        batcher.runner.fault_hook = None
+        assert held.result(timeout=WAIT_S).status_code == 200
+        assert second.result(timeout=WAIT_S).status_code == 200
+    wait_until(lambda: batcher.queued_inputs == 0, "the cancelled inputs were skipped")
     assert gate.saw(2002) and gate.saw(2003)
     assert not gate.saw(gone), "inputs of a client that left reached the device"
     assert len(gate.batches) == 2
@@ -138,23 +118,16 @@ def test_an_input_that_still_fails_gets_500_and_its_batch_mates_succeed(fresh_cl
     gate = DeviceGate(
         hold=1, fault=lambda batch: torch.OutOfMemoryError("forced") if poison in batch.input_ids else None
     )
-    batcher.runner.fault_hook = gate
-    spy = SubmitSpy(batcher)
     post = lambda body: fresh_client.post("/v1/embeddings", json=body)  # noqa: E731
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            held, second = occupy_device(pool, post, gate, spy, batcher, 3002)
-            failing = pool.submit(post, {"input": [ids(3004), ids(poison)]})
-            mate = pool.submit(post, {"input": [ids(3005)]})
-            wait_until(lambda: batcher.queued_inputs == 3, "both requests queued together")
-            gate.released.set()
-            results = {
-                name: f.result(timeout=WAIT_S)
-                for name, f in [("held", held), ("second", second), ("mate", mate)]
-            }
-            failed = failing.result(timeout=WAIT_S)
-    finally:
-        spy.restore()
+    with device_held(batcher, gate, post, marker=3002, workers=4) as (pool, held, second):
+        failing = pool.submit(post, {"input": [ids(3004), ids(poison)]})
+        mate = pool.submit(post, {"input": [ids(3005)]})
+        wait_until(lambda: batcher.queued_inputs == 3, "both requests queued together")
+        gate.released.set()
+        results = {
+            name: f.result(timeout=WAIT_S) for name, f in [("held", held), ("second", second), ("mate", mate)]
+        }
+        failed = failing.result(timeout=WAIT_S)
     assert any(3004 in b and 3005 in b and poison in b for b in gate.batches), "not one batch"
     error = assert_openai_error(failed, 500)
     assert error["type"] == "server_error" and "log" in error["message"]
@@ -166,24 +139,14 @@ def test_an_input_that_still_fails_gets_500_and_its_batch_mates_succeed(fresh_cl
 def test_dead_device_thread_fails_in_flight_requests_fast_and_health_turns_503(fresh_client) -> None:
     batcher = fresh_client.state.engine.batcher
     gate = DeviceGate(hold=1, fault=lambda batch: SystemExit("device thread died"))
-    batcher.runner.fault_hook = gate
-    spy = SubmitSpy(batcher)
     post = lambda body: fresh_client.post("/v1/embeddings", json=body)  # noqa: E731
-    try:
-        with ThreadPoolExecutor(3) as pool:
-            held, second = occupy_device(pool, post, gate, spy, batcher, 4001)
-            queued = pool.submit(post, {"input": [ids(4003)]})
-            wait_until(lambda: batcher.queued_inputs == 1, "the third request queued")
-            started = time.monotonic()
-            gate.released.set()
-            results = [
-                held.result(timeout=WAIT_S),
-                second.result(timeout=WAIT_S),
-                queued.result(timeout=WAIT_S),
-            ]
-            failed_within = time.monotonic() - started
-    finally:
-        spy.restore()
+    with device_held(batcher, gate, post, marker=4001, workers=3) as (pool, held, second):
+        queued = pool.submit(post, {"input": [ids(4003)]})
+        wait_until(lambda: batcher.queued_inputs == 1, "the third request queued")
+        started = time.monotonic()
+        gate.released.set()
+        results = [held.result(timeout=WAIT_S), second.result(timeout=WAIT_S), queued.result(timeout=WAIT_S)]
+        failed_within = time.monotonic() - started
     for result in results:
         assert assert_openai_error(result, 503)["code"] == "service_unavailable"
     assert failed_within < 5
