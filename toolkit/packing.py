@@ -65,7 +65,9 @@ class PackedBatch:
     def key_padding_mask(self) -> torch.Tensor:
         """[B, max_seqlen] bool: True where the padded layout holds a real token."""
         mask = torch.zeros(self.num_seqs * self.max_seqlen, dtype=torch.bool, device=self.device)
-        mask[self.padded_index] = True
+        # index_fill_ takes the value as a kernel argument; `mask[index] = True` would copy a
+        # host scalar tensor, which CUDA graph capture refuses.
+        mask.index_fill_(0, self.padded_index, True)
         return mask.view(self.num_seqs, self.max_seqlen)
 
     @cached_property
