@@ -98,13 +98,28 @@ class _Launched:
 _Part = _Launched | list[ItemResult]
 
 
+def new_device_thread() -> ThreadPoolExecutor:
+    """The thread for all of a server's torch work: loading, warm-up and every batch.
+
+    One thread, because on a CPU each thread that runs a parallel torch op gets an OpenMP team
+    of its own. Once the teams together hold more threads than there are cores, GNU OpenMP
+    stops letting idle workers spin and wakes them through the kernel at every parallel region:
+    on 2 cores, a model warmed up on one thread and served on another took three times as long
+    per lone request (benchmarks/serve.py; a tiny BERT's forward went from 1.6 to 5.1 ms)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+
+
 class Runner:
-    """Launches batches on one device thread and finishes them on another.
+    """Launches batches on one device thread and, on a GPU, finishes them on another.
 
     The device thread only queues work: it packs a batch, launches the forward and an
     asynchronous copy of the embeddings to pinned memory, and moves on to the next batch. The
     finishing thread waits for each copy and hands the rows out. So the GPU never idles while
-    Python packs the next batch or converts the last one.
+    Python packs the next batch or converts the last one. On a CPU the rows are ready when the
+    forward returns, and the device thread hands them out itself.
+
+    `device_thread` is the thread the model was loaded on (see `new_device_thread`); by default
+    the runner starts its own.
     """
 
     def __init__(
@@ -113,6 +128,7 @@ class Runner:
         device: torch.device,
         pooling_modes: Sequence[str],
         normalize_output: bool,
+        device_thread: ThreadPoolExecutor | None = None,
     ) -> None:
         self.model = model
         self.device = device
@@ -124,7 +140,7 @@ class Runner:
         self.row_mode = single_mode if single_mode in model.row_pooling_modes else None
         # Tests inject faults here (e.g. raise torch.OutOfMemoryError for large batches).
         self.fault_hook: Callable[[PackedBatch], None] | None = None
-        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._device_thread = device_thread or new_device_thread()
         self._finish_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._broken = threading.Event()
         self.stats = RunnerStats()
@@ -166,7 +182,10 @@ class Runner:
             logger.critical("device thread stopped: %r", exc)
             future.set_exception(exc)
             raise
-        self._finish_thread.submit(_finish, parts, future, self.stats)
+        if self.device.type == "cuda":
+            self._finish_thread.submit(_finish, parts, future, self.stats)
+        else:  # nothing to wait for: a hop to another thread would only add latency
+            _finish(parts, future, self.stats)
 
     def _launch_splitting(self, items: list[WorkItem]) -> list[_Part]:
         try:

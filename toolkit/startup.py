@@ -19,6 +19,8 @@ from toolkit.server_args import ServerArgs
 from toolkit.tokenization import TextTokenizer
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     from toolkit.engine import Engine
     from toolkit.runner import Runner
 
@@ -53,7 +55,22 @@ def _override(spec: EmbeddingSpec, args: ServerArgs) -> EmbeddingSpec:
 
 
 def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
-    """Load weights onto the device and build the Engine (imports torch: server process only)."""
+    """Load weights onto the device and build the Engine (imports torch: server process only).
+
+    The work runs on the thread that will serve every batch (see `new_device_thread`)."""
+    from toolkit.runner import new_device_thread
+
+    device_thread = new_device_thread()
+    try:
+        return device_thread.submit(_load_on_device_thread, args, prepared, device_thread).result()
+    except BaseException:
+        device_thread.shutdown(wait=False)
+        raise
+
+
+def _load_on_device_thread(
+    args: ServerArgs, prepared: PreparedModel, device_thread: ThreadPoolExecutor
+) -> Engine:
     from toolkit.batcher import Batcher
     from toolkit.engine import Engine, EngineLimits
     from toolkit.models import load_model
@@ -78,7 +95,7 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
     if wanted and compile_blocks is not None:
         compile_blocks()
         compiled = True
-    runner = Runner(model, device, spec.pooling_modes, spec.normalize)
+    runner = Runner(model, device, spec.pooling_modes, spec.normalize, device_thread)
     context_length = _context_length(args, spec, model.max_input_tokens)
     if args.warmup:
         _warm_up(runner, prepared.tokenizer, context_length, compiled)
