@@ -19,7 +19,6 @@ import hmac
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from toolkit.server.disconnect import cancel_on_disconnect
 from toolkit.server.errors import install_error_handlers
 from toolkit.server.lifecycle import Admission, CloseWhileDraining
 from toolkit.server.limits import BodySizeLimit
-from toolkit.server.observability import Observability, request_context
+from toolkit.server.observability import Observability, new_id, request_context
 from toolkit.server.responses import JSONResponse
 from toolkit.server.schemas import EmbeddingRequest, EncodeRequest
 from toolkit.server_args import ServerArgs
@@ -344,7 +343,7 @@ def _encode_items(result: EmbedResult) -> list[dict[str, Any]]:
     return [
         {
             "embedding": row,
-            "meta_info": {"id": uuid.uuid4().hex, "prompt_tokens": count, "finish_reason": None},
+            "meta_info": {"id": new_id(), "prompt_tokens": count, "finish_reason": None},
         }
         for row, count in zip(result.embeddings, result.token_counts, strict=True)
     ]
