@@ -102,7 +102,8 @@ def create_app(
         **_without_telemetry(),
     )
     install_error_handlers(app)
-    authorized = [Depends(_api_key_check(state.args.api_key))]
+    # Without a key there is nothing to check, and no dependency for FastAPI to solve per request.
+    authorized = [Depends(_api_key_check(state.args.api_key))] if state.args.api_key else []
     _watch(state)
 
     @app.get("/health")
@@ -279,14 +280,12 @@ def _json_body(schema: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-def _api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    expected = api_key.encode() if api_key else None
+def _api_key_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
+    expected = api_key.encode()
 
     # async, though it never awaits: FastAPI runs a plain function dependency in a worker
     # thread, one thread hop per request for a check that takes microseconds.
     async def check(request: Request) -> None:
-        if expected is None:
-            return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         # The scheme is case-insensitive (RFC 9110). The key is compared in constant time: the
         # answer time must not reveal how much of it matched.
