@@ -35,3 +35,18 @@ def test_loading_warm_up_and_serving_share_one_thread(monkeypatch) -> None:  # t
     assert warmed_up, "the warm-up ran no forward"
     assert threads["load"] == warmed_up == threads["forward"]
     assert threading.get_ident() not in threads["forward"]
+
+
+def test_settled_garbage_collector_skips_start_up_objects_and_young_churn() -> None:
+    import gc
+
+    from toolkit.launch_server import settle_garbage_collector
+
+    threshold = gc.get_threshold()
+    try:
+        settle_garbage_collector()
+        assert gc.get_freeze_count() > 10_000  # torch, the app and the tests' own objects
+        assert gc.get_threshold()[0] > threshold[0]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

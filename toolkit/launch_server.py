@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from toolkit.errors import ModelLoadError
 from toolkit.server_args import LISTEN_FD_ENV, ServerArgs
+
+if TYPE_CHECKING:
+    from toolkit.engine import Engine
 
 logger = logging.getLogger("toolkit")
 
@@ -20,6 +25,7 @@ LOG_FORMAT = "[%(asctime)s] %(message)s"
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number, from <malloc.h>
 _MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value
 _TORCH_THP_ENV = "THP_MEM_ALLOC_ENABLE"
+_YOUNG_OBJECTS_PER_COLLECTION = 10_000  # Python's default is 700
 
 
 def configure_logging(level: str) -> None:
@@ -63,6 +69,22 @@ def use_transparent_huge_pages() -> None:
     os.environ.setdefault(_TORCH_THP_ENV, "1")
 
 
+def settle_garbage_collector() -> None:
+    """Once the model is loaded: keep the objects of start-up out of every later collection,
+    and collect the young generation less often.
+
+    Serving allocates a few thousand short-lived objects per batch of requests (parsed bodies,
+    futures, tasks), so Python's default of a collection per 700 new objects ran one about
+    every 16 requests, and the 200,000 objects of torch, the model and the web framework made
+    each full collection a 110 ms pause of the event loop. In-process, through the whole app,
+    collections took about 100 us of event-loop time per 8-input request; after this, next to
+    none. Cyclic garbage is still collected, only in larger steps.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_YOUNG_OBJECTS_PER_COLLECTION, *gc.get_threshold()[1:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = ServerArgs.from_cli(argv)
     # The inherited socket is ours alone: processes we start must not see it.
@@ -95,7 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_code = 1
         server.should_exit = True
 
-    app = create_app(state, lambda: load_engine(args, prepared), on_fatal)
+    def load() -> Engine:
+        engine = load_engine(args, prepared)
+        settle_garbage_collector()
+        return engine
+
+    app = create_app(state, load, on_fatal)
     config = uvicorn.Config(
         app,
         host=args.host,
