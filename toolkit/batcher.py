@@ -1,10 +1,10 @@
 """The scheduler: one asyncio task owns the queue and cuts it into token-budget batches.
 
-Every input is its own entry with its own future, so inputs of concurrent requests share batches.
-A batch is filled in arrival order up to `max_batch_tokens` (an input longer than the budget runs
-alone); entries whose request is gone are skipped. Two batches may be in flight: while the device
-runs one, the next is already packed and waiting. A batch's failure is set on each of its futures
-and the loop goes on.
+Every input is its own entry, so inputs of concurrent requests share batches; a request has one
+future, resolved when its last input is back. A batch is filled in arrival order up to
+`max_batch_tokens` (an input longer than the budget runs alone); entries whose request is gone
+are skipped. Two batches may be in flight: while the device runs one, the next is already packed
+and waiting. A batch's failure fails the requests of its inputs and the loop goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from toolkit.errors import InferenceError, OverloadedError, ServiceUnavailableError
 from toolkit.runner import ItemResult, Runner, WorkItem
 
@@ -28,11 +30,35 @@ logger = logging.getLogger(__name__)
 _IN_FLIGHT_BATCHES = 2
 
 
-@dataclass
+@dataclass(eq=False)
+class Submission:
+    """One request's inputs: their rows fill in as batches finish; `future` gets them all, or the
+    first error. One future per request, not per input: the event loop is the server's
+    bottleneck with small models, and each future costs it callbacks."""
+
+    future: asyncio.Future[list[np.ndarray]]
+    rows: list[np.ndarray | None]
+    timing: RequestTiming | None
+    entries: list[Entry] = field(default_factory=list)
+    pending: int = 0
+
+    def deliver(self, index: int, result: ItemResult) -> None:
+        if self.future.done():
+            return
+        if isinstance(result, BaseException):
+            self.future.set_exception(_client_error(result))
+            return
+        self.rows[index] = result
+        self.pending -= 1
+        if self.pending == 0:
+            self.future.set_result(self.rows)  # type: ignore[arg-type]  # every row is set
+
+
+@dataclass(eq=False)
 class Entry:
     item: WorkItem
-    future: asyncio.Future[ItemResult] = field(repr=False)
-    timing: RequestTiming | None = field(default=None, repr=False)
+    submission: Submission = field(repr=False)
+    index: int
     waiting: bool = True  # counted in the queue budget until taken or withdrawn
 
     @property
@@ -95,8 +121,9 @@ class Batcher:
 
     def submit(
         self, items: Sequence[WorkItem], timing: RequestTiming | None = None
-    ) -> list[asyncio.Future[ItemResult]]:
-        """Admit all items or none: refused with 429 when the queue would exceed its budget."""
+    ) -> asyncio.Future[list[np.ndarray]]:
+        """Admit all items or none: refused with 429 when the queue would exceed its budget.
+        The future holds one row per item, in order; cancelling it withdraws the items."""
         if not self.alive:
             raise ServiceUnavailableError("the inference worker is not running")
         tokens = sum(len(item.token_ids) for item in items)
@@ -108,17 +135,17 @@ class Batcher:
             and self._queued_inputs + len(items) > self.max_queued_inputs
         ):
             raise OverloadedError(f"the server has {self._queued_inputs} inputs queued; retry shortly")
-        loop = asyncio.get_running_loop()
-        entries = [Entry(item, loop.create_future(), timing) for item in items]
+        submission = Submission(asyncio.get_running_loop().create_future(), [None] * len(items), timing)
+        submission.entries = [Entry(item, submission, index) for index, item in enumerate(items)]
+        submission.pending = len(items)
         if timing is not None:
             timing.admitted = time.perf_counter()
-        for entry in entries:
-            entry.future.add_done_callback(lambda _, entry=entry: self._withdraw(entry))
-        self._queue.extend(entries)
+        submission.future.add_done_callback(lambda _: self._withdraw_all(submission))
+        self._queue.extend(submission.entries)
         self._queued_tokens += tokens
-        self._queued_inputs += len(entries)
+        self._queued_inputs += len(items)
         self._wakeup.set()
-        return [entry.future for entry in entries]
+        return submission.future
 
     async def _loop(self) -> None:
         while True:
@@ -138,7 +165,7 @@ class Batcher:
         tokens = 0
         while self._queue:
             entry = self._queue[0]
-            if entry.future.done():  # the client went away: never reaches the device
+            if entry.submission.future.done():  # the client went away: never reaches the device
                 self._queue.popleft()
                 self._withdraw(entry)
                 continue
@@ -175,7 +202,7 @@ class Batcher:
         finally:
             self._slots.release()
             for entry, result in zip(batch, results, strict=True):
-                _resolve(entry.future, result)
+                entry.submission.deliver(entry.index, result)
         if self.on_batch is not None:
             self.on_batch(len(batch), sum(e.num_tokens for e in batch), time.perf_counter() - started)
 
@@ -186,25 +213,29 @@ class Batcher:
             self._queued_tokens -= entry.num_tokens
             self._queued_inputs -= 1
 
+    def _withdraw_all(self, submission: Submission) -> None:
+        """A request is answered, failed or cancelled: its inputs still queued leave the budget
+        at once (the loop drops their entries when it passes them)."""
+        for entry in submission.entries:
+            self._withdraw(entry)
+
     def _fail_queued(self, error: Exception) -> None:
         while self._queue:
             entry = self._queue.popleft()
             self._withdraw(entry)
-            _resolve(entry.future, error)
+            entry.submission.deliver(entry.index, error)
 
 
 def _stamp_batched(batch: list[Entry], now: float) -> None:
     for entry in batch:
-        if entry.timing is not None and entry.timing.batched is None:
-            entry.timing.batched = now
+        timing = entry.submission.timing
+        if timing is not None and timing.batched is None:
+            timing.batched = now
 
 
-def _resolve(future: asyncio.Future[ItemResult], result: ItemResult | BaseException) -> None:
-    if future.done():
-        return
-    if isinstance(result, BaseException):
-        if not isinstance(result, InferenceError | ServiceUnavailableError):
-            result = InferenceError("the model failed on this input; the server log has details")
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _client_error(error: BaseException) -> BaseException:
+    """What a client may see of a failure: the server's own errors as they are; anything else
+    (a model bug) as a generic InferenceError, with details in the server log."""
+    if isinstance(error, InferenceError | ServiceUnavailableError):
+        return error
+    return InferenceError("the model failed on this input; the server log has details")

@@ -78,13 +78,11 @@ class Engine:
         self._check_dimensions(request.dimensions)
         items = await self._work_items(request)
         self._check_total_tokens(items, request.param)
-        futures = self.batcher.submit(items, timing)
+        future = self.batcher.submit(items, timing)
         try:
-            rows = await asyncio.gather(*futures)
+            rows = await future
         finally:
-            # A cancelled request (client gone) leaves its queued inputs to be skipped.
-            for future in futures:
-                future.cancel()
+            future.cancel()  # a cancelled request (client gone) leaves its queued inputs to be skipped
         embeddings = np.stack(rows).astype(np.float32, copy=False)
         if request.dimensions is not None and request.dimensions < embeddings.shape[1]:
             embeddings = _truncate_dimensions(embeddings, request.dimensions)
