@@ -181,6 +181,7 @@ async def drive(url: str, payloads: list[dict[str, Any]], concurrency: int) -> d
     import aiohttp
 
     latencies: list[float] = []
+    server_spans: dict[str, list[float]] = {}  # Server-Timing stages, milliseconds
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     for payload in payloads:
         queue.put_nowait(payload)
@@ -195,6 +196,10 @@ async def drive(url: str, payloads: list[dict[str, Any]], concurrency: int) -> d
                 await response.read()
                 if response.status != 200:
                     failures += 1
+                for span in response.headers.get("server-timing", "").split(", "):
+                    name, _, duration = span.partition(";dur=")
+                    if duration:
+                        server_spans.setdefault(name, []).append(float(duration))
             latencies.append(time.perf_counter() - started)
 
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -208,6 +213,7 @@ async def drive(url: str, payloads: list[dict[str, Any]], concurrency: int) -> d
         "failures": failures,
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "server_p50_ms": {name: statistics.median(spans) for name, spans in server_spans.items()},
     }
 
 
@@ -379,6 +385,9 @@ def report(results: dict[str, Any]) -> None:
             print(f"         {run['failures']} failed requests")
     single = results["single_short_request"]
     print(f"one short request alone: p50 {single['p50_ms']:.2f} ms, p99 {single['p99_ms']:.2f} ms")
+    stages = single.get("server_p50_ms", {})
+    if stages:  # what the server itself saw (Server-Timing); the rest is the client and the network
+        print("  server p50: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in stages.items()))
 
 
 if __name__ == "__main__":
