@@ -78,3 +78,41 @@ def test_cancelled_inputs_free_the_budget_at_once_and_never_run() -> None:
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_answered_requests_are_freed_without_the_garbage_collector() -> None:
+    """A request's rows hold its batch's result buffer (pinned memory on a GPU): they must go
+    when the request is answered, not wait for a cyclic collection."""
+    import gc
+    import weakref
+
+    async def scenario() -> list[weakref.ref]:
+        runner = FakeRunner()
+        batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
+        batcher.start()
+        answers = []
+        for _ in range(20):
+            answer = batcher.submit(items(3, 5))
+            await answer
+            answers.append(weakref.ref(answer))
+            del answer
+        await batcher.stop()
+        return answers
+
+    gc.collect()
+    gc.disable()
+    try:
+        answers = asyncio.run(scenario())
+        assert sum(ref() is not None for ref in answers) == 0
+    finally:
+        gc.enable()
+
+
+def test_an_empty_submission_is_answered_at_once() -> None:
+    async def scenario() -> None:
+        batcher = Batcher(FakeRunner(), max_batch_tokens=10, max_queued_tokens=100)  # type: ignore[arg-type]
+        batcher.start()
+        assert await asyncio.wait_for(batcher.submit([]), 5) == []
+        await batcher.stop()
+
+    asyncio.run(scenario())

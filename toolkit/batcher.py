@@ -136,6 +136,9 @@ class Batcher:
         ):
             raise OverloadedError(f"the server has {self._queued_inputs} inputs queued; retry shortly")
         submission = Submission(asyncio.get_running_loop().create_future(), [None] * len(items), timing)
+        if not items:
+            submission.future.set_result([])
+            return submission.future
         submission.entries = [Entry(item, submission, index) for index, item in enumerate(items)]
         submission.pending = len(items)
         if timing is not None:
@@ -218,6 +221,9 @@ class Batcher:
         at once (the loop drops their entries when it passes them)."""
         for entry in submission.entries:
             self._withdraw(entry)
+        # Entries point at their submission: dropping the list back breaks the cycle, so the
+        # request's rows are freed by reference counting, not left for the garbage collector.
+        submission.entries = []
 
     def _fail_queued(self, error: Exception) -> None:
         while self._queue:

@@ -4,7 +4,7 @@ Starlette keeps running a handler after its client disconnects, so a client that
 timeout, a closed notebook) would still have its inputs embedded. Once a handler has read its
 body, the next ASGI `receive()` returns only when the client disconnects (or the response is
 complete), so a task awaiting it notices a departure at once, without polling. Cancelling
-the handler makes the engine cancel its futures, and the batcher skips those entries: they
+the handler cancels the request's future, and the batcher skips its queued inputs: they
 never reach the device.
 """
 
@@ -32,12 +32,14 @@ async def cancel_on_disconnect(receive: Receive, work: Coroutine[Any, Any, T]) -
     handler = asyncio.current_task()
     if handler is None:
         raise RuntimeError("cancel_on_disconnect must run inside a task")
-    watching = True
+    watching, cancelled_by_watcher = True, False
 
     def cancel_handler(watcher: asyncio.Future[None]) -> None:
         # Runs as a loop callback: after the work has finished, `watching` is False and a late
         # disconnect leaves the handler (by then sending its answer) alone.
+        nonlocal cancelled_by_watcher
         if watching and not watcher.cancelled():
+            cancelled_by_watcher = True
             handler.cancel()
 
     watcher = asyncio.ensure_future(_disconnected(receive))
@@ -45,8 +47,8 @@ async def cancel_on_disconnect(receive: Receive, work: Coroutine[Any, Any, T]) -
     try:
         return await work
     except asyncio.CancelledError:
-        if not watcher.done() or watcher.cancelled() or handler.uncancel() > 0:
-            raise  # cancelled by someone else (server shutdown), not by the watcher
+        if not cancelled_by_watcher or handler.uncancel() > 0:
+            raise  # cancelled by someone else too (server shutdown): that cancel stands
         watcher.result()  # re-raises if receive() itself failed
         raise ClientDisconnectedError(
             "the client closed the connection before its answer was ready"

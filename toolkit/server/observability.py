@@ -118,11 +118,14 @@ def _request_id(scope: Scope) -> str:
     return new_id()
 
 
+_ID_SOURCE = random.Random()  # its own state, seeded from the OS: nobody's random.seed() repeats ids
+
+
 def new_id() -> str:
     """32 random hex digits, as unique as a uuid4 but drawn without a system call: uuid4 reads
     os.urandom, and on a loaded 2-core machine that call was 13 % of the event loop's sampled
     time (py-spy). Ids need not be unpredictable, only distinct."""
-    return f"{random.getrandbits(128):032x}"
+    return f"{_ID_SOURCE.getrandbits(128):032x}"
 
 
 def _server_timing(timing: RequestTiming, answered: float) -> str:
