@@ -181,7 +181,7 @@ def _notebook(tmp_path: Path, source: str, stdout: str) -> Path:
 _VARYING_CELL = """\
 import os, random, sys, time, uuid
 print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] Batch. #seq: 1", flush=True)
-print("embedding:", round(0.25 + random.random() * 1e-5, 6), "id", uuid.uuid4())
+print("embedding:", f"{0.25 + random.random() * 1e-5:.6f}", "id", uuid.uuid4())
 print(f"pid {os.getpid()} on http://localhost:{random.randint(20000, 60000)}, took {random.random():.2f} s")
 print("\\r 50%|#####     | 1/2 [00:01<00:01]\\r100%|##########| 2/2 [00:02<00:00]", file=sys.stderr)
 print("kernel:", sys.executable)
