@@ -12,13 +12,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from toolkit.errors import ServiceUnavailableError
 from toolkit.models import LoadedModel
 from toolkit.packing import PackedBatch, pack
 from toolkit.pooling import normalize, pool, token_rows
@@ -143,6 +144,7 @@ class Runner:
         self._device_thread = device_thread or new_device_thread()
         self._finish_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._broken = threading.Event()
+        self._unanswered: set[Future[list[ItemResult]]] = set()
         self.stats = RunnerStats()
         self.graphs: BatchGraphs | None = None
 
@@ -153,6 +155,8 @@ class Runner:
     def submit(self, items: Sequence[WorkItem]) -> Future[list[ItemResult]]:
         """Queue a batch; the future holds one result (a row or an error) per item."""
         future: Future[list[ItemResult]] = Future()
+        self._unanswered.add(future)
+        future.add_done_callback(self._unanswered.discard)
         self._device_thread.submit(self._launch_guarded, list(items), future)
         return future
 
@@ -163,6 +167,13 @@ class Runner:
     def shutdown(self) -> None:
         self._device_thread.shutdown(wait=True, cancel_futures=True)
         self._finish_thread.shutdown(wait=True, cancel_futures=True)
+        # Batches still queued were dropped with the threads' queues: answer them, or whoever
+        # awaits them (a request past the drain timeout) would wait forever.
+        for future in list(self._unanswered):
+            try:
+                future.set_exception(ServiceUnavailableError("the server is shutting down"))
+            except InvalidStateError:  # answered meanwhile
+                pass
         logger.info("%s", self.stats.summary())
         if self.graphs is not None:
             graph_stats = self.graphs.stats
