@@ -50,3 +50,37 @@ def test_settled_garbage_collector_skips_start_up_objects_and_young_churn() -> N
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+def test_short_texts_are_tokenized_on_the_event_loop_long_ones_beside_it() -> None:
+    import asyncio
+
+    from toolkit.engine import INLINE_TOKENIZE_CHARS, EmbedRequest
+
+    args = ServerArgs.from_cli(["--device", "cpu"], environ={})
+    engine = load_engine(args, prepare(args))
+    encode = engine.tokenizer.encode
+    threads: list[int] = []
+
+    def recording_encode(texts: list[str]) -> list[list[int]]:
+        threads.append(threading.get_ident())
+        return encode(texts)
+
+    engine.tokenizer.encode = recording_encode  # type: ignore[method-assign]
+    long_text = "word " * (INLINE_TOKENIZE_CHARS // 5 + 1)
+
+    async def scenario() -> tuple[int, list[int]]:
+        engine.batcher.start()
+        try:
+            for text in ("a short query", long_text):
+                result = await engine.embed(EmbedRequest(texts=[text]))
+                assert result.embeddings.shape == (1, 384)
+        finally:
+            await engine.batcher.stop()
+        return threading.get_ident(), threads
+
+    try:
+        loop_thread, seen = asyncio.run(scenario())
+    finally:
+        engine.batcher.runner.shutdown()
+    assert seen[0] == loop_thread and seen[1] != loop_thread

@@ -1,4 +1,5 @@
-"""The engine: validate a request, tokenize it off the event loop, admit it, await its embeddings.
+"""The engine: validate a request, tokenize it (off the event loop unless short), admit it, await
+its embeddings.
 
 All request validation lives here, once, for every route. The HTTP layer hands over inputs that
 its schema has already typed; the engine checks their content against the model.
@@ -21,6 +22,11 @@ from toolkit.tokenization import TextTokenizer
 
 if TYPE_CHECKING:
     from toolkit.metrics import RequestTiming
+
+
+# Texts this short are tokenized on the event loop: that takes about 12 us for a 4-word query,
+# where the hop to a worker thread and back took 160 us (0.4 ms on an idle 2-core server).
+INLINE_TOKENIZE_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -119,8 +125,10 @@ class Engine:
             prompt = prompt.lower() if prompt else prompt
         if prompt:
             texts = [prompt + text for text in texts]
-        # Rust tokenization releases the GIL: run it beside the event loop, not on it.
-        ids = await asyncio.to_thread(self.tokenizer.encode, list(texts))
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            ids = self.tokenizer.encode(list(texts))
+        else:  # Rust tokenization releases the GIL: run it beside the event loop, not on it
+            ids = await asyncio.to_thread(self.tokenizer.encode, list(texts))
         ids = await self._fit_context(request, texts, ids)
         pool_start = 0
         if prompt and not self.spec.include_prompt:
