@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from toolkit.errors import InferenceError, OverloadedError, ServiceUnavailableError
-from toolkit.runner import ItemResult, Runner, WorkItem
+from toolkit.work import ItemResult, WorkItem
 
 if TYPE_CHECKING:
     from toolkit.metrics import RequestTiming
+    from toolkit.runner import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,11 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._fail_queued(ServiceUnavailableError("the server is shutting down"))
+
+    async def close(self) -> None:
+        """Stop, then shut the runner down (its device thread finishes what it holds)."""
+        await self.stop()
+        self.runner.shutdown()
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         # Should the loop ever die, nothing would take the queue again: fail it instead of hanging.

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from toolkit.batcher import Batcher
 from toolkit.errors import ContextLengthExceededError, InvalidRequestError
 from toolkit.model_spec import EmbeddingSpec
-from toolkit.runner import WorkItem
 from toolkit.tokenization import TextTokenizer
+from toolkit.work import BatchQueue, WorkItem
 
 if TYPE_CHECKING:
     from toolkit.metrics import RequestTiming
@@ -67,7 +66,7 @@ class EngineLimits:
 class Engine:
     def __init__(
         self,
-        batcher: Batcher,
+        batcher: BatchQueue,
         tokenizer: TextTokenizer,
         spec: EmbeddingSpec,
         limits: EngineLimits,

@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from toolkit.errors import ModelLoadError
@@ -17,6 +17,7 @@ from toolkit.server_args import LISTEN_FD_ENV, ServerArgs
 
 if TYPE_CHECKING:
     from toolkit.engine import Engine
+    from toolkit.startup import PreparedModel
 
 logger = logging.getLogger("toolkit")
 
@@ -28,9 +29,11 @@ _TORCH_THP_ENV = "THP_MEM_ALLOC_ENABLE"
 _YOUNG_OBJECTS_PER_COLLECTION = 10_000  # Python's default is 700
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, process_name: str | None = None) -> None:
+    """Log to stdout; `process_name` tags the lines of a process that is not the main one."""
+    log_format = LOG_FORMAT if process_name is None else f"[%(asctime)s {process_name}] %(message)s"
     logging.basicConfig(
-        level=level.upper(), format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stdout
+        level=level.upper(), format=log_format, datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stdout
     )
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uvicorn_logger = logging.getLogger(name)
@@ -102,6 +105,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("error: %s", exc)
         return 1
 
+    if args.http_workers:
+        from toolkit.engine_process import serve_with_front_ends
+
+        return serve_with_front_ends(args, prepared, list(sys.argv[1:] if argv is None else argv))
+
+    def load(_: Callable[[BaseException], None]) -> Engine:
+        engine = load_engine(args, prepared)
+        settle_garbage_collector()
+        return engine
+
+    return serve_http(args, prepared, load)
+
+
+def serve_http(
+    args: ServerArgs,
+    prepared: PreparedModel,
+    load: Callable[[Callable[[BaseException], None]], Engine],
+) -> int:
+    """Serve HTTP until SIGTERM or a fatal error; returns the exit code.
+
+    `load` builds the engine in a worker thread once the socket is bound; it receives the
+    function to call should serving become impossible later (the front ends' engine link)."""
     import uvicorn
 
     from toolkit.server.app import ServerState, create_app
@@ -117,12 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_code = 1
         server.should_exit = True
 
-    def load() -> Engine:
-        engine = load_engine(args, prepared)
-        settle_garbage_collector()
-        return engine
-
-    app = create_app(state, load, on_fatal)
+    app = create_app(state, lambda: load(on_fatal), on_fatal)
     config = uvicorn.Config(
         app,
         host=args.host,

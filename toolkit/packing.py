@@ -180,7 +180,7 @@ class SequenceGroup:
     batch: PackedBatch
 
 
-def pack(sequences: Sequence[Sequence[int]], pool_starts: Sequence[int] | None = None) -> PackedBatch:
+def pack(sequences: Sequence[Sequence[int] | np.ndarray], pool_starts: Sequence[int] | None = None) -> PackedBatch:
     """Concatenate token-id sequences (each non-empty) into one PackedBatch on the CPU."""
     if not sequences:
         raise ValueError("cannot pack an empty batch")
@@ -189,8 +189,12 @@ def pack(sequences: Sequence[Sequence[int]], pool_starts: Sequence[int] | None =
     if lengths.min() < 1:
         raise ValueError("cannot pack an empty sequence")
     total = int(lengths.sum())
-    # numpy builds the flat arrays in C: no per-token Python work on the serving path.
-    flat = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=total)
+    # numpy builds the flat arrays in C: no per-token Python work on the serving path. Inputs
+    # from a front-end process arrive as int32 arrays already (see toolkit.ipc): joined as blocks.
+    if isinstance(sequences[0], np.ndarray):
+        flat = np.concatenate(sequences, dtype=np.int32)
+    else:
+        flat = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=total)
     cu_seqlens = np.zeros(count + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu_seqlens[1:])
     positions = np.arange(total, dtype=np.int32) - np.repeat(cu_seqlens[:-1], lengths)

@@ -23,22 +23,12 @@ from toolkit.errors import ServiceUnavailableError
 from toolkit.models import LoadedModel
 from toolkit.packing import PackedBatch, pack
 from toolkit.pooling import normalize, pool, token_rows
+from toolkit.work import ItemResult, WorkItem
 
 if TYPE_CHECKING:
     from toolkit.cuda_graphs import BatchGraphs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One input: its token ids and how many leading (prompt) tokens pooling must skip."""
-
-    token_ids: Sequence[int]
-    pool_start: int = 0
-
-
-ItemResult = np.ndarray | BaseException
 
 
 def pick_device(requested: str) -> torch.device:

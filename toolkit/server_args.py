@@ -44,6 +44,7 @@ class ServerArgs:
     warmup: bool = True
     compile: bool | None = None
     cuda_graphs: bool = True
+    http_workers: int = 0
     listen_fd: int | None = None
 
     @property
@@ -76,6 +77,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text}")
     return value
 
 
@@ -170,5 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="replay CUDA graphs of recurring batch shapes, padded to buckets (CUDA only; default on)",
+    )
+    add(
+        "--http-workers",
+        type=_non_negative_int,
+        default=0,
+        help="serve HTTP from N processes of their own that send token ids to this one (for small "
+        "models on fast GPUs, where one process's HTTP work limits throughput); default 0: "
+        "HTTP in this process",
     )
     return parser

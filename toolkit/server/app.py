@@ -87,8 +87,7 @@ def create_app(
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             if state.engine is not None:
-                await state.engine.batcher.stop()
-                state.engine.batcher.runner.shutdown()
+                await state.engine.batcher.close()
 
     # FastAPI's /docs and /redoc are left out: they fetch their scripts from a CDN (useless
     # offline) and could not send the api key; the schema itself is served below.

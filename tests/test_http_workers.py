@@ -1,0 +1,274 @@
+"""`--http-workers`: HTTP front-end processes that send token ids to the engine process.
+
+The wire format round-trips; a front end's RemoteBatcher against the engine's BatchService
+answers, refuses, withdraws and fails like the in-process batcher; and a real server with two
+front ends embeds like sentence-transformers, reports errors in the OpenAI shape, and leaves no
+process behind, whether it is stopped or its engine dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor as Pool
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+
+from toolkit import ipc
+from toolkit.batch_service import BatchService
+from toolkit.batcher import Batcher
+from toolkit.errors import InferenceError, OverloadedError, ServiceUnavailableError
+from toolkit.frontend import RemoteBatcher, connect_to_engine
+from toolkit.metrics import RequestTiming
+from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
+from toolkit.work import WorkItem
+
+# --- the wire ---------------------------------------------------------------------------------
+
+
+def test_submit_frames_carry_token_ids_and_pool_starts() -> None:
+    items = [WorkItem([5, 6, 7], 1), WorkItem([8]), WorkItem(list(range(300)), 2)]
+    encoded = ipc.encode_submit(42, items)
+    length, kind, request_id = ipc.HEADER.unpack_from(encoded)
+    assert (kind, request_id, length) == (ipc.SUBMIT, 42, len(encoded) - ipc.HEADER.size)
+    decoded = ipc.decode_submit(encoded[ipc.HEADER.size :])
+    assert [list(item.token_ids) for item in decoded] == [list(item.token_ids) for item in items]
+    assert [item.pool_start for item in decoded] == [1, 0, 2]
+
+
+def test_a_submit_frame_whose_ids_do_not_add_up_is_refused() -> None:
+    body = ipc.encode_submit(1, [WorkItem([1, 2, 3])])[ipc.HEADER.size :]
+    with pytest.raises(ValueError, match="announces 3 token ids"):
+        ipc.decode_submit(body[:-4])
+
+
+def test_result_frames_carry_rows_and_stage_times() -> None:
+    rows = [np.arange(4, dtype=np.float32), -np.arange(4, dtype=np.float32)]
+    encoded = ipc.encode_result(7, rows, 0.25, 1.5)
+    result = ipc.decode_result(encoded[ipc.HEADER.size :])
+    np.testing.assert_array_equal(np.stack(result.rows), np.stack(rows))
+    assert (result.queue_s, result.inference_s) == (0.25, 1.5)
+
+
+def test_errors_cross_as_themselves_and_anything_else_as_a_generic_inference_error() -> None:
+    overloaded = ipc.decode_error(ipc.encode_error(1, OverloadedError("full", retry_after_s=3))[ipc.HEADER.size :])
+    assert isinstance(overloaded, OverloadedError) and overloaded.headers() == {"Retry-After": "3"}
+    unavailable = ipc.decode_error(ipc.encode_error(1, ServiceUnavailableError("gone"))[ipc.HEADER.size :])
+    assert type(unavailable) is ServiceUnavailableError and unavailable.status_code == 503
+    bug = ipc.decode_error(ipc.encode_error(1, KeyError("a model bug"))[ipc.HEADER.size :])
+    assert type(bug) is InferenceError and "model bug" not in bug.message
+
+
+# --- front end against engine, in one process ------------------------------------------------
+
+
+class GatedRunner:
+    """Each row is [number of tokens]; `gate` holds the device until set."""
+
+    alive = True
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.shut_down = False
+
+    def submit(self, items):  # type: ignore[no-untyped-def]
+        future: Future = Future()
+
+        def work() -> None:
+            self.gate.wait(10)
+            future.set_result([np.array([len(item.token_ids)], dtype=np.float32) for item in items])
+
+        threading.Thread(target=work, daemon=True).start()
+        return future
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+async def _linked(tmp_path: Path, batcher: Batcher):  # type: ignore[no-untyped-def]
+    """An engine-side BatchService on a Unix socket and a started RemoteBatcher connected to it."""
+    service = BatchService(batcher, {"limits": {}, "embedding_dim": 1})
+    path = str(tmp_path / "engine.sock")
+    server = await asyncio.start_unix_server(service.handle, path=path)
+    link, served = await asyncio.to_thread(connect_to_engine, path)
+    assert served == {"limits": {}, "embedding_dim": 1}
+    lost: list[BaseException] = []
+    remote = RemoteBatcher(link, lost.append)
+    remote.start()
+    return server, remote, lost
+
+
+async def _until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def test_remote_requests_are_answered_with_their_rows_and_stage_times(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        batcher = Batcher(GatedRunner(), max_batch_tokens=8, max_queued_tokens=1000)  # type: ignore[arg-type]
+        batcher.start()
+        server, remote, _ = await _linked(tmp_path, batcher)
+        timing = RequestTiming()
+        first = remote.submit([WorkItem([1] * n) for n in (3, 5, 9)], timing)
+        second = remote.submit([WorkItem([1, 2])])
+        assert remote.queued_inputs == 4 and remote.queued_tokens == 19
+        assert [int(row[0]) for row in await first] == [3, 5, 9]
+        assert [int(row[0]) for row in await second] == [2]
+        assert timing.admitted is not None and timing.batched is not None
+        assert remote.queued_inputs == 0 and remote.queued_tokens == 0
+        assert await remote.submit([]) == []
+        await remote.close()
+        server.close()
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_full_engine_queue_refuses_with_429_through_the_link(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runner = GatedRunner()
+        runner.gate.clear()
+        batcher = Batcher(runner, max_batch_tokens=4, max_queued_tokens=12)  # type: ignore[arg-type]
+        batcher.start()
+        server, remote, _ = await _linked(tmp_path, batcher)
+        held = [remote.submit([WorkItem([1] * 4)]) for _ in range(3)]  # two on the device, one queued
+        await _until(lambda: batcher.queued_tokens == 4)
+        refused = remote.submit([WorkItem([1] * 9)])  # 4 queued + 9 > 12
+        with pytest.raises(OverloadedError):
+            await refused
+        runner.gate.set()
+        assert [int((await answer)[0][0]) for answer in held] == [4, 4, 4]
+        await remote.close()
+        server.close()
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_remote_request_leaves_the_engine_queue(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runner = GatedRunner()
+        runner.gate.clear()
+        batcher = Batcher(runner, max_batch_tokens=4, max_queued_tokens=1000)  # type: ignore[arg-type]
+        batcher.start()
+        server, remote, _ = await _linked(tmp_path, batcher)
+        busy = [remote.submit([WorkItem([1] * 4)]) for _ in range(2)]  # both device slots
+        waiting = remote.submit([WorkItem([1] * 3)])
+        await _until(lambda: batcher.queued_inputs == 1)
+        waiting.cancel()
+        await _until(lambda: batcher.queued_inputs == 0)
+        assert remote.queued_inputs == 2
+        runner.gate.set()
+        await asyncio.gather(*busy)
+        await remote.close()
+        server.close()
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_losing_the_engine_fails_waiting_requests_with_503_and_reports_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runner = GatedRunner()
+        runner.gate.clear()
+        batcher = Batcher(runner, max_batch_tokens=4, max_queued_tokens=1000)  # type: ignore[arg-type]
+        batcher.start()
+        service = BatchService(batcher, {})
+        path = str(tmp_path / "engine.sock")
+        connections: list[asyncio.StreamWriter] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(writer)
+            await service.handle(reader, writer)
+
+        server = await asyncio.start_unix_server(handle, path=path)
+        link, _ = await asyncio.to_thread(connect_to_engine, path)
+        lost: list[BaseException] = []
+        remote = RemoteBatcher(link, lost.append)
+        remote.start()
+        waiting = remote.submit([WorkItem([1, 2, 3])])
+        await _until(lambda: len(connections) == 1)
+        connections[0].transport.abort()  # the engine process dies
+        with pytest.raises(ServiceUnavailableError):
+            await waiting
+        await _until(lambda: bool(lost))
+        assert not remote.alive
+        with pytest.raises(ServiceUnavailableError):
+            remote.submit([WorkItem([1])])
+        runner.gate.set()
+        server.close()
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+# --- a real server with two front ends --------------------------------------------------------
+
+TEXTS = ["Once upon a time", "A second, somewhat longer input text.", "third"]
+
+
+def _processes(root: int) -> list[psutil.Process]:
+    parent = psutil.Process(root)
+    return [parent, *parent.children(recursive=True)]
+
+
+def _all_gone(processes: list[psutil.Process], timeout: float) -> bool:
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_two_front_ends_embed_like_sentence_transformers_and_stop_cleanly() -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from toolkit.model_source import bundled_model_dir
+
+    reference = SentenceTransformer(str(bundled_model_dir()), device="cpu").encode(TEXTS)
+    process, port = launch_server_cmd("python3 -m toolkit.launch_server --http-workers 2", host="127.0.0.1")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, timeout=180, process=process)
+        family = _processes(process.pid)
+        assert len(family) == 3  # the engine and its two front ends
+
+        def embed(texts: list[str]) -> np.ndarray:
+            response = requests.post(f"{url}/v1/embeddings", json={"input": texts}, timeout=60)
+            assert response.status_code == 200, response.text
+            return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+
+        with Pool(8) as pool:  # concurrent requests spread over both front ends, all answered
+            answers = list(pool.map(embed, [TEXTS] * 24))
+        for vectors in answers:
+            cos = (vectors * reference).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(reference, axis=1)
+            assert cos.min() >= 0.99999 and np.abs(vectors - reference).max() <= 1e-5
+        bad = requests.post(f"{url}/v1/embeddings", json={"input": [[1, 10**9]]}, timeout=10)
+        assert bad.status_code == 400
+        assert bad.json()["error"]["type"] == "invalid_request_error"
+        info = requests.get(f"{url}/get_model_info", timeout=10).json()
+        assert info["embedding_dim"] == 384 and info["max_model_len"] == 256
+    finally:
+        terminate_process(process)
+    assert process.returncode == 0
+    assert _all_gone(family, timeout=10)
+
+
+def test_front_ends_exit_when_their_engine_dies() -> None:
+    process, port = launch_server_cmd("python3 -m toolkit.launch_server --http-workers 2", host="127.0.0.1")
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}", timeout=180, process=process)
+        front_ends = psutil.Process(process.pid).children()
+        assert len(front_ends) == 2
+        os.kill(process.pid, signal.SIGKILL)
+        assert _all_gone(front_ends, timeout=15)
+    finally:
+        terminate_process(process)

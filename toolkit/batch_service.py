@@ -1,0 +1,85 @@
+"""The engine process's end of `toolkit.ipc`: HTTP front ends submit their requests' inputs to the
+one Batcher over a Unix socket.
+
+Each connection first gets a HELLO (what the engine serves: limits, embedding size), then may
+send SUBMIT and CANCEL frames; every SUBMIT is answered by one RESULT or ERROR. A connection that
+closes withdraws its requests still queued: their clients are gone with their front end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from toolkit import ipc
+from toolkit.metrics import RequestTiming
+from toolkit.work import BatchQueue
+
+logger = logging.getLogger(__name__)
+
+_Pending = dict[int, asyncio.Future[list[np.ndarray]]]
+
+
+class BatchService:
+    def __init__(self, batcher: BatchQueue, served: dict[str, Any]) -> None:
+        self.batcher = batcher
+        self.served = served
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one front end until it disconnects."""
+        writer.write(ipc.encode_hello(self.served))
+        pending: _Pending = {}
+        try:
+            while True:
+                frame = await ipc.read_frame(reader)
+                if frame.kind == ipc.SUBMIT:
+                    self._submit(frame, writer, pending)
+                elif frame.kind == ipc.CANCEL:
+                    future = pending.pop(frame.request_id, None)
+                    if future is not None:
+                        future.cancel()  # withdraws the inputs still queued
+                else:
+                    logger.error("a front end sent a frame of unknown kind %r: closing it", frame.kind)
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the front end exited
+        finally:
+            for future in pending.values():
+                future.cancel()
+            writer.close()
+
+    def _submit(self, frame: ipc.Frame, writer: asyncio.StreamWriter, pending: _Pending) -> None:
+        timing = RequestTiming()
+        try:
+            items = ipc.decode_submit(frame.body)
+            future = self.batcher.submit(items, timing)
+        except Exception as exc:  # refused (queue full, worker gone) or a malformed frame
+            writer.write(ipc.encode_error(frame.request_id, exc))
+            return
+        pending[frame.request_id] = future
+        future.add_done_callback(functools.partial(_answer, frame.request_id, writer, pending, timing))
+
+
+def _answer(
+    request_id: int,
+    writer: asyncio.StreamWriter,
+    pending: _Pending,
+    timing: RequestTiming,
+    future: asyncio.Future[list[np.ndarray]],
+) -> None:
+    pending.pop(request_id, None)
+    if future.cancelled() or writer.is_closing():
+        return
+    error = future.exception()
+    if error is not None:
+        writer.write(ipc.encode_error(request_id, error))
+        return
+    now = time.perf_counter()
+    admitted = timing.admitted if timing.admitted is not None else now
+    batched = timing.batched if timing.batched is not None else now
+    writer.write(ipc.encode_result(request_id, future.result(), batched - admitted, now - batched))
