@@ -29,3 +29,5 @@ fi
 run qwen2_16_512 --shape gte-qwen2-1.5b --lengths 16-512 --num-inputs 6000 --concurrency 16,64,128 --reference-batch-sizes 32,64
 run qwen2_4_64 --shape gte-qwen2-1.5b --lengths 4-64 --num-inputs 20000 --inputs-per-request 32 --concurrency 16,64,128 --reference-batch-sizes 128,256
 run bert_16_512 --shape bert-base --lengths 16-512 --num-inputs 20000 --concurrency 16,64 --reference-batch-sizes 64,128
+# The HTTP side in four processes of its own: with BERT-base one process holds the GPU back.
+run bert_16_512_http_workers_4 --shape bert-base --lengths 16-512 --num-inputs 20000 --concurrency 16,64,128 --reference-batch-sizes 64,128 --server-args=--http-workers=4
