@@ -14,6 +14,8 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor as Pool
 from pathlib import Path
 
@@ -94,17 +96,45 @@ class GatedRunner:
         self.shut_down = True
 
 
-async def _linked(tmp_path: Path, batcher: Batcher):  # type: ignore[no-untyped-def]
-    """An engine-side BatchService on a Unix socket and a started RemoteBatcher connected to it."""
+@dataclass
+class Link:
+    runner: GatedRunner
+    batcher: Batcher
+    remote: RemoteBatcher
+    engine_ends: list[asyncio.StreamWriter]  # the engine side of each front end's connection
+    lost: list[BaseException]
+
+
+@asynccontextmanager
+async def linked(tmp_path: Path, *, held: bool, max_batch_tokens: int, max_queued_tokens: int = 1000):  # type: ignore[no-untyped-def]
+    """A Batcher over a GatedRunner (its gate closed if `held`), served by a BatchService on a
+    Unix socket, and a started RemoteBatcher connected to it."""
+    runner = GatedRunner()
+    if held:
+        runner.gate.clear()
+    batcher = Batcher(runner, max_batch_tokens, max_queued_tokens)  # type: ignore[arg-type]
+    batcher.start()
     service = BatchService(batcher, {"limits": {}, "embedding_dim": 1})
+    engine_ends: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        engine_ends.append(writer)
+        await service.handle(reader, writer)
+
     path = str(tmp_path / "engine.sock")
-    server = await asyncio.start_unix_server(service.handle, path=path)
+    server = await asyncio.start_unix_server(handle, path=path)
     link, served = await asyncio.to_thread(connect_to_engine, path)
     assert served == {"limits": {}, "embedding_dim": 1}
     lost: list[BaseException] = []
     remote = RemoteBatcher(link, lost.append)
     remote.start()
-    return server, remote, lost
+    try:
+        yield Link(runner, batcher, remote, engine_ends, lost)
+    finally:
+        runner.gate.set()
+        await remote.close()
+        server.close()
+        await batcher.stop()
 
 
 async def _until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -116,99 +146,61 @@ async def _until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-un
 
 def test_remote_requests_are_answered_with_their_rows_and_stage_times(tmp_path: Path) -> None:
     async def scenario() -> None:
-        batcher = Batcher(GatedRunner(), max_batch_tokens=8, max_queued_tokens=1000)  # type: ignore[arg-type]
-        batcher.start()
-        server, remote, _ = await _linked(tmp_path, batcher)
-        timing = RequestTiming()
-        first = remote.submit([WorkItem([1] * n) for n in (3, 5, 9)], timing)
-        second = remote.submit([WorkItem([1, 2])])
-        assert remote.queued_inputs == 4 and remote.queued_tokens == 19
-        assert [int(row[0]) for row in await first] == [3, 5, 9]
-        assert [int(row[0]) for row in await second] == [2]
-        assert timing.admitted is not None and timing.batched is not None
-        assert remote.queued_inputs == 0 and remote.queued_tokens == 0
-        assert await remote.submit([]) == []
-        await remote.close()
-        server.close()
-        await batcher.stop()
+        async with linked(tmp_path, held=False, max_batch_tokens=8) as link:
+            remote, timing = link.remote, RequestTiming()
+            first = remote.submit([WorkItem([1] * n) for n in (3, 5, 9)], timing)
+            second = remote.submit([WorkItem([1, 2])])
+            assert remote.queued_inputs == 4 and remote.queued_tokens == 19
+            assert [int(row[0]) for row in await first] == [3, 5, 9]
+            assert [int(row[0]) for row in await second] == [2]
+            assert timing.admitted is not None and timing.batched is not None
+            assert remote.queued_inputs == 0 and remote.queued_tokens == 0
+            assert await remote.submit([]) == []
 
     asyncio.run(scenario())
 
 
 def test_a_full_engine_queue_refuses_with_429_through_the_link(tmp_path: Path) -> None:
     async def scenario() -> None:
-        runner = GatedRunner()
-        runner.gate.clear()
-        batcher = Batcher(runner, max_batch_tokens=4, max_queued_tokens=12)  # type: ignore[arg-type]
-        batcher.start()
-        server, remote, _ = await _linked(tmp_path, batcher)
-        held = [remote.submit([WorkItem([1] * 4)]) for _ in range(3)]  # two on the device, one queued
-        await _until(lambda: batcher.queued_tokens == 4)
-        refused = remote.submit([WorkItem([1] * 9)])  # 4 queued + 9 > 12
-        with pytest.raises(OverloadedError):
-            await refused
-        runner.gate.set()
-        assert [int((await answer)[0][0]) for answer in held] == [4, 4, 4]
-        await remote.close()
-        server.close()
-        await batcher.stop()
+        async with linked(tmp_path, held=True, max_batch_tokens=4, max_queued_tokens=12) as link:
+            held = [link.remote.submit([WorkItem([1] * 4)]) for _ in range(3)]  # 2 on the device, 1 queued
+            await _until(lambda: link.batcher.queued_tokens == 4)
+            refused = link.remote.submit([WorkItem([1] * 9)])  # 4 queued + 9 > 12
+            with pytest.raises(OverloadedError):
+                await refused
+            link.runner.gate.set()
+            assert [int((await answer)[0][0]) for answer in held] == [4, 4, 4]
 
     asyncio.run(scenario())
 
 
 def test_a_cancelled_remote_request_leaves_the_engine_queue(tmp_path: Path) -> None:
     async def scenario() -> None:
-        runner = GatedRunner()
-        runner.gate.clear()
-        batcher = Batcher(runner, max_batch_tokens=4, max_queued_tokens=1000)  # type: ignore[arg-type]
-        batcher.start()
-        server, remote, _ = await _linked(tmp_path, batcher)
-        busy = [remote.submit([WorkItem([1] * 4)]) for _ in range(2)]  # both device slots
-        waiting = remote.submit([WorkItem([1] * 3)])
-        await _until(lambda: batcher.queued_inputs == 1)
-        waiting.cancel()
-        await _until(lambda: batcher.queued_inputs == 0)
-        assert remote.queued_inputs == 2
-        runner.gate.set()
-        await asyncio.gather(*busy)
-        await remote.close()
-        server.close()
-        await batcher.stop()
+        async with linked(tmp_path, held=True, max_batch_tokens=4) as link:
+            busy = [link.remote.submit([WorkItem([1] * 4)]) for _ in range(2)]  # both device slots
+            waiting = link.remote.submit([WorkItem([1] * 3)])
+            await _until(lambda: link.batcher.queued_inputs == 1)
+            waiting.cancel()
+            await _until(lambda: link.batcher.queued_inputs == 0)
+            assert link.remote.queued_inputs == 2
+            link.runner.gate.set()
+            await asyncio.gather(*busy)
 
     asyncio.run(scenario())
 
 
 def test_losing_the_engine_fails_waiting_requests_with_503_and_reports_it(tmp_path: Path) -> None:
     async def scenario() -> None:
-        runner = GatedRunner()
-        runner.gate.clear()
-        batcher = Batcher(runner, max_batch_tokens=4, max_queued_tokens=1000)  # type: ignore[arg-type]
-        batcher.start()
-        service = BatchService(batcher, {})
-        path = str(tmp_path / "engine.sock")
-        connections: list[asyncio.StreamWriter] = []
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            connections.append(writer)
-            await service.handle(reader, writer)
-
-        server = await asyncio.start_unix_server(handle, path=path)
-        link, _ = await asyncio.to_thread(connect_to_engine, path)
-        lost: list[BaseException] = []
-        remote = RemoteBatcher(link, lost.append)
-        remote.start()
-        waiting = remote.submit([WorkItem([1, 2, 3])])
-        await _until(lambda: len(connections) == 1)
-        connections[0].transport.abort()  # the engine process dies
-        with pytest.raises(ServiceUnavailableError):
-            await waiting
-        await _until(lambda: bool(lost))
-        assert not remote.alive
-        with pytest.raises(ServiceUnavailableError):
-            remote.submit([WorkItem([1])])
-        runner.gate.set()
-        server.close()
-        await batcher.stop()
+        async with linked(tmp_path, held=True, max_batch_tokens=4) as link:
+            waiting = link.remote.submit([WorkItem([1, 2, 3])])
+            await _until(lambda: len(link.engine_ends) == 1)
+            link.engine_ends[0].transport.abort()  # the engine process dies
+            with pytest.raises(ServiceUnavailableError):
+                await waiting
+            await _until(lambda: bool(link.lost))
+            assert not link.remote.alive
+            with pytest.raises(ServiceUnavailableError):
+                link.remote.submit([WorkItem([1])])
 
     asyncio.run(scenario())
 
