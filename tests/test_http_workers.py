@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -264,3 +267,87 @@ def test_front_ends_exit_when_their_engine_dies() -> None:
         assert _all_gone(front_ends, timeout=15)
     finally:
         terminate_process(process)
+
+
+# --- start-up and stop edge cases of the engine process ---------------------------------------
+
+# The server's main with `load_engine` replaced: it first sleeps, then raises or loads for real.
+_STUBBED_LOAD = """
+import sys, time
+import toolkit.startup as startup
+from toolkit.errors import ModelLoadError
+real_load = startup.load_engine
+def load(args, prepared):
+    time.sleep(float(sys.argv[1]))
+    if sys.argv[2] == "fail":
+        raise ModelLoadError("no usable weights")
+    return real_load(args, prepared)
+startup.load_engine = load
+from toolkit.launch_server import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _start_stubbed(sleep_s: float, outcome: str, port: int) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-c", _STUBBED_LOAD, str(sleep_s), outcome, "--http-workers", "2", "--port", str(port)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_front_ends(process: subprocess.Popen[str], count: int) -> list[psutil.Process]:
+    deadline = time.monotonic() + 60
+    while len(children := psutil.Process(process.pid).children()) < count:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    return children
+
+
+def test_a_stop_while_the_model_loads_ends_engine_and_front_ends_at_once() -> None:
+    process = _start_stubbed(60, "load", _free_port())
+    try:
+        front_ends = _wait_front_ends(process, 2)
+        time.sleep(2)  # the front ends are up and waiting for their engine
+        os.killpg(process.pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=15)
+        assert process.returncode == 0
+        assert "Stopped while the model was loading." in output
+        assert _all_gone(front_ends, timeout=10)
+    finally:
+        _kill_group(process)
+
+
+def test_a_failed_load_exits_1_with_one_clear_line_and_stops_the_front_ends() -> None:
+    process = _start_stubbed(2, "fail", _free_port())
+    try:
+        front_ends = _wait_front_ends(process, 2)
+        output, _ = process.communicate(timeout=30)
+        assert process.returncode == 1
+        assert "loading the model failed: no usable weights" in output
+        assert "Traceback" not in output
+        assert _all_gone(front_ends, timeout=5)
+    finally:
+        _kill_group(process)
+
+
+def test_a_taken_port_is_one_clear_line_and_exit_1() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "toolkit.launch_server", "--http-workers", "2", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return int(probe.getsockname()[1])
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()  # reaps it and closes its output pipe

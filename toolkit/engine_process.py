@@ -4,8 +4,9 @@ front ends (`toolkit.frontend`) that share its listening socket and send it thei
 Start-up: bind the HTTP socket (or take launch_server_cmd's) and a private Unix socket, start the
 front ends (they answer /health with 503 meanwhile), load the model, then greet each front end.
 SIGTERM or SIGINT: pass it on to the front ends, keep batching for them while they drain, and
-stop once they have all exited. Should every front end die on its own, the engine exits with 1,
-and a front end whose engine is gone exits too: no half-alive server is left behind.
+stop once they have all exited (during loading: stop at once). Should every front end die on its
+own, or the inference worker die, the engine exits with 1, and a front end whose engine is gone
+exits too: no half-alive server is left behind.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
 
 from toolkit.batch_service import BatchService
 from toolkit.errors import ModelLoadError
 from toolkit.frontend import ENGINE_SOCKET_ENV
 from toolkit.server_args import LISTEN_FD_ENV, ServerArgs
 from toolkit.startup import PreparedModel
+from toolkit.work import BatchQueue
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +38,19 @@ _POLL_S = 0.2
 _KILL_GRACE_S = 5.0
 
 
+class _StopRequested(Exception):
+    """SIGTERM or SIGINT arrived while the model was loading."""
+
+
 def serve_with_front_ends(args: ServerArgs, prepared: PreparedModel, argv: Sequence[str]) -> int:
     from toolkit.launch_server import settle_garbage_collector
     from toolkit.startup import load_engine
 
-    http_socket = _http_socket(args)
+    try:
+        http_socket = _http_socket(args)
+    except OSError as exc:
+        logger.error("error: cannot listen on %s:%d: %s", args.host, args.port, exc.strerror or exc)
+        return 1
     link_dir = tempfile.mkdtemp(prefix="toolkit-engine-")
     link_path = os.path.join(link_dir, "engine.sock")
     link_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -48,19 +60,35 @@ def serve_with_front_ends(args: ServerArgs, prepared: PreparedModel, argv: Seque
     http_socket.close()  # the front ends hold it now
     logger.info("Started %d HTTP front ends: %s", len(front_ends), [p.pid for p in front_ends])
     try:
+        # Until the event loop takes the signals over, a stop request interrupts the load.
+        _on_stop_signals(_raise_stop_requested)
         try:
             engine = load_engine(args, prepared)
+        except _StopRequested:
+            logger.info("Stopped while the model was loading.")
+            return 0
         except (ModelLoadError, RuntimeError, OSError) as exc:
             logger.error("loading the model failed: %s", exc)
             return 1
+        stop_requested: list[int] = []
+        _on_stop_signals(lambda signum, _: stop_requested.append(signum))
         settle_garbage_collector()
         served = {"limits": dataclasses.asdict(engine.limits), "embedding_dim": engine.embedding_dim}
         service = BatchService(engine.batcher, served)
-        return asyncio.run(_serve(service, link_socket, front_ends, args.drain_timeout))
+        return asyncio.run(_serve(service, link_socket, front_ends, args.drain_timeout, bool(stop_requested)))
     finally:
+        link_socket.close()  # front ends still waiting for HELLO see the engine gone
         _stop(front_ends)
-        link_socket.close()
         shutil.rmtree(link_dir, ignore_errors=True)
+
+
+def _on_stop_signals(handler: Callable[[int, FrameType | None], None]) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+
+def _raise_stop_requested(signum: int, frame: FrameType | None) -> None:
+    raise _StopRequested(signal.Signals(signum).name)
 
 
 async def _serve(
@@ -68,17 +96,21 @@ async def _serve(
     link_socket: socket.socket,
     front_ends: list[subprocess.Popen[bytes]],
     drain_timeout: float,
+    stop_requested: bool,
 ) -> int:
     loop = asyncio.get_running_loop()
     service.batcher.start()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    if stop_requested:  # between the end of loading and here
+        stopping.set()
     server = await asyncio.start_unix_server(service.handle, sock=link_socket)
     logger.info("The engine is serving its HTTP front ends.")
     exits = loop.create_task(_all_exited(front_ends))
+    broken = loop.create_task(_broken(service.batcher))
     signalled = loop.create_task(stopping.wait())
-    await asyncio.wait({exits, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({exits, broken, signalled}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if stopping.is_set():
         for process in front_ends:  # harmless if they got the signal already (a process group's)
@@ -88,14 +120,24 @@ async def _serve(
             await asyncio.wait_for(asyncio.shield(exits), drain_timeout + _KILL_GRACE_S)
         except TimeoutError:
             logger.error("HTTP front ends still running after the drain timeout: killing them")
+    elif broken.done():
+        # Front ends would keep answering /health with 200 while every request fails: exit, so
+        # that they lose their link and exit too, and a supervisor restarts the server.
+        logger.error("the inference worker has stopped: stopping the server")
+        exit_code = 1
     else:
         logger.error("every HTTP front end has exited: stopping")
         exit_code = 1
-    signalled.cancel()
-    exits.cancel()
+    for task in (signalled, broken, exits):
+        task.cancel()
     server.close()
     await service.batcher.close()
     return exit_code
+
+
+async def _broken(batcher: BatchQueue) -> None:
+    while batcher.alive:
+        await asyncio.sleep(_POLL_S)
 
 
 async def _all_exited(front_ends: list[subprocess.Popen[bytes]]) -> None:
@@ -135,9 +177,10 @@ def _stop(front_ends: list[subprocess.Popen[bytes]]) -> None:
     for process in front_ends:
         if process.poll() is None:
             process.terminate()
+    deadline = time.monotonic() + _KILL_GRACE_S
     for process in front_ends:
         try:
-            process.wait(timeout=_KILL_GRACE_S)
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

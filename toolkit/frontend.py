@@ -138,8 +138,10 @@ class RemoteBatcher:
             return  # answered after its client left
         if frame.kind == ipc.RESULT:
             result = ipc.decode_result(frame.body)
-            if waiting.timing is not None:
-                waiting.timing.batched = time.perf_counter() - result.inference_s
+            timing = waiting.timing
+            if timing is not None and timing.admitted is not None:
+                # The engine's own queue time; "inference" then also holds both socket hops.
+                timing.batched = timing.admitted + result.queue_s
             waiting.future.set_result(result.rows)
         elif frame.kind == ipc.ERROR:
             waiting.future.set_exception(ipc.decode_error(frame.body))
@@ -153,7 +155,11 @@ class RemoteBatcher:
 def connect_to_engine(path: str) -> tuple[socket.socket, dict[str, object]]:
     """Connect and wait (blocking) for the engine's HELLO, which comes once its model is loaded."""
     link = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    link.connect(path)
+    try:
+        link.connect(path)
+    except OSError as exc:
+        link.close()
+        raise ModelLoadError(f"cannot reach the engine process at {path}: {exc}") from exc
     header = _receive_exactly(link, ipc.HEADER.size)
     length, kind, _ = ipc.HEADER.unpack(header)
     body = _receive_exactly(link, length)
@@ -165,7 +171,10 @@ def connect_to_engine(path: str) -> tuple[socket.socket, dict[str, object]]:
 def _receive_exactly(link: socket.socket, size: int) -> bytes:
     chunks, left = [], size
     while left:
-        chunk = link.recv(left)
+        try:
+            chunk = link.recv(left)
+        except OSError:  # reset: the engine closed its socket (a failed load, a stop)
+            chunk = b""
         if not chunk:
             raise ModelLoadError("the engine process exited before it was ready")
         chunks.append(chunk)

@@ -18,6 +18,7 @@ import base64
 import hmac
 import inspect
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -36,6 +37,7 @@ from toolkit.engine import EmbedRequest, EmbedResult, Engine
 from toolkit.errors import (
     AuthenticationError,
     InvalidRequestError,
+    ModelLoadError,
     ModelNotFoundError,
     ServiceUnavailableError,
     ShuttingDownError,
@@ -241,7 +243,12 @@ async def _load(
     on_fatal: Callable[[BaseException], None] | None,
 ) -> None:
     try:
-        engine = await asyncio.to_thread(load_engine)
+        engine = await _in_daemon_thread(load_engine)
+    except ModelLoadError as exc:  # a known cause: one clear line
+        logger.error("error: %s", exc)
+        if on_fatal is not None:
+            on_fatal(exc)
+        return
     except Exception as exc:
         logger.exception("loading the model failed")
         if on_fatal is not None:
@@ -251,6 +258,41 @@ async def _load(
     engine.batcher.start()
     state.engine = engine
     logger.info("The server is ready to embed with %s.", state.args.model_name)
+
+
+T = TypeVar("T")
+
+
+async def _in_daemon_thread(work: Callable[[], T]) -> T:
+    """`work()` on a daemon thread: unlike asyncio.to_thread's pool, one that a shutdown does not
+    wait for. A server stopped while loading exits at once, and a front end stopped while it
+    waits for its engine's HELLO is not held by the blocked read."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = work()
+        except BaseException as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(_settle, answer, result, error)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="load", daemon=True).start()
+    return await answer
+
+
+def _settle(answer: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if answer.done():  # the waiting task was cancelled
+        return
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(result)  # type: ignore[arg-type]  # no error: work() returned a T
 
 
 Body = TypeVar("Body", bound=BaseModel)
