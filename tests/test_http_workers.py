@@ -17,9 +17,9 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor as Pool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from concurrent.futures import ThreadPoolExecutor as Pool
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,9 @@ def test_result_frames_carry_rows_and_stage_times() -> None:
 
 
 def test_errors_cross_as_themselves_and_anything_else_as_a_generic_inference_error() -> None:
-    overloaded = ipc.decode_error(ipc.encode_error(1, OverloadedError("full", retry_after_s=3))[ipc.HEADER.size :])
+    overloaded = ipc.decode_error(
+        ipc.encode_error(1, OverloadedError("full", retry_after_s=3))[ipc.HEADER.size :]
+    )
     assert isinstance(overloaded, OverloadedError) and overloaded.headers() == {"Retry-After": "3"}
     unavailable = ipc.decode_error(ipc.encode_error(1, ServiceUnavailableError("gone"))[ipc.HEADER.size :])
     assert type(unavailable) is ServiceUnavailableError and unavailable.status_code == 503
@@ -244,7 +246,11 @@ def test_two_front_ends_embed_like_sentence_transformers_and_stop_cleanly() -> N
         with Pool(8) as pool:  # concurrent requests spread over both front ends, all answered
             answers = list(pool.map(embed, [TEXTS] * 24))
         for vectors in answers:
-            cos = (vectors * reference).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(reference, axis=1)
+            cos = (
+                (vectors * reference).sum(1)
+                / np.linalg.norm(vectors, axis=1)
+                / np.linalg.norm(reference, axis=1)
+            )
             assert cos.min() >= 0.99999 and np.abs(vectors - reference).max() <= 1e-5
         bad = requests.post(f"{url}/v1/embeddings", json={"input": [[1, 10**9]]}, timeout=10)
         assert bad.status_code == 400
@@ -289,8 +295,20 @@ sys.exit(main(sys.argv[3:]))
 
 
 def _start_stubbed(sleep_s: float, outcome: str, port: int) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-c", _STUBBED_LOAD, str(sleep_s), outcome, "--http-workers", "2", "--port", str(port)]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    argv = [
+        sys.executable,
+        "-c",
+        _STUBBED_LOAD,
+        str(sleep_s),
+        outcome,
+        "--http-workers",
+        "2",
+        "--port",
+        str(port),
+    ]
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _wait_front_ends(process: subprocess.Popen[str], count: int) -> list[psutil.Process]:

@@ -163,7 +163,9 @@ def _http_socket(args: ServerArgs) -> socket.socket:
     return socket.create_server((args.host, args.port), family=family, backlog=2048)
 
 
-def _start_front_end(argv: Sequence[str], http_socket: socket.socket, link_path: str) -> subprocess.Popen[bytes]:
+def _start_front_end(
+    argv: Sequence[str], http_socket: socket.socket, link_path: str
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env[LISTEN_FD_ENV] = str(http_socket.fileno())
     env[ENGINE_SOCKET_ENV] = link_path

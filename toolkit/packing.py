@@ -180,7 +180,9 @@ class SequenceGroup:
     batch: PackedBatch
 
 
-def pack(sequences: Sequence[Sequence[int] | np.ndarray], pool_starts: Sequence[int] | None = None) -> PackedBatch:
+def pack(
+    sequences: Sequence[Sequence[int] | np.ndarray], pool_starts: Sequence[int] | None = None
+) -> PackedBatch:
     """Concatenate token-id sequences (each non-empty) into one PackedBatch on the CPU."""
     if not sequences:
         raise ValueError("cannot pack an empty batch")

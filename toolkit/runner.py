@@ -8,6 +8,7 @@ new work fast instead of queueing it forever.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -16,7 +17,6 @@ from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from toolkit.errors import ServiceUnavailableError
@@ -160,10 +160,8 @@ class Runner:
         # Batches still queued were dropped with the threads' queues: answer them, or whoever
         # awaits them (a request past the drain timeout) would wait forever.
         for future in list(self._unanswered):
-            try:
+            with contextlib.suppress(InvalidStateError):  # answered meanwhile
                 future.set_exception(ServiceUnavailableError("the server is shutting down"))
-            except InvalidStateError:  # answered meanwhile
-                pass
         logger.info("%s", self.stats.summary())
         if self.graphs is not None:
             graph_stats = self.graphs.stats

@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fuse the model's elementwise work with torch.compile (default: on for CUDA decoders)",
+        help="fuse the model's elementwise work with torch.compile (default: on for CUDA)",
     )
     add(
         "--cuda-graphs",

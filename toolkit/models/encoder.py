@@ -7,7 +7,9 @@ relative-position attention bias. Shapes: T packed tokens, D hidden, H heads, d 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +64,21 @@ class EncoderConfig:
         )
 
 
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """LayerNorm(x + residual): the post-LayerNorm step after attention and after the MLP."""
+    return F.layer_norm(x + residual, weight.shape, weight, bias, eps)
+
+
+@functools.cache
+def compiled_add_layer_norm() -> Callable[..., torch.Tensor]:
+    """`add_layer_norm` fused by torch.compile; one compiled function for every layer (all its
+    arguments are tensors, so no layer needs a graph of its own)."""
+    compiled: Callable[..., torch.Tensor] = torch.compile(add_layer_norm, dynamic=True)
+    return compiled
+
+
 _ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -95,16 +112,21 @@ class EncoderLayer(nn.Module):
         attn = packed_attention(q, k, v, batch, causal=False, bias=bias, query_rows=rows)
         return self.attention_output_and_mlp(x if rows is None else x[rows], attn)
 
-    # Pure tensor code after attention: `compile_blocks` fuses its bias, GELU, residual and
-    # LayerNorm passes with torch.compile.
     def attention_output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn_out(attn.reshape(x.shape[0], -1)))
-        return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))
+        attn_norm, ffn_norm, eps = self.attn_norm, self.ffn_norm, self.cfg.norm_eps
+        x = self.add_norm(
+            x, self.attn_out(attn.reshape(x.shape[0], -1)), attn_norm.weight, attn_norm.bias, eps
+        )
+        return self.add_norm(x, self.ffn_out(self.act(self.ffn_in(x))), ffn_norm.weight, ffn_norm.bias, eps)
+
+    add_norm = staticmethod(add_layer_norm)
 
     def compile_blocks(self) -> None:
-        self.attention_output_and_mlp = torch.compile(  # type: ignore[method-assign]
-            self.attention_output_and_mlp, dynamic=True
-        )
+        # Only each residual add with its LayerNorm: one fused pass instead of two (on an H100 a
+        # 32k-token BERT-base batch spent 2.7 ms of its 14.4 in those, 1.3 ms fused). Compiling
+        # the whole block instead made its GELU slower than eager's (2.6 against 1.6 ms), and
+        # the matrix products are cuBLAS's either way.
+        self.add_norm = compiled_add_layer_norm()  # type: ignore[method-assign]
 
 
 class Encoder(nn.Module):

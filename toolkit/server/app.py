@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import inspect
 import logging
@@ -277,10 +278,8 @@ async def _in_daemon_thread(work: Callable[[], T]) -> T:
             result = work()
         except BaseException as exc:
             error = exc
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
             loop.call_soon_threadsafe(_settle, answer, result, error)
-        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
-            pass
 
     threading.Thread(target=run, name="load", daemon=True).start()
     return await answer
