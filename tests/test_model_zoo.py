@@ -309,3 +309,25 @@ def test_graph_view_computes_any_batch_of_its_shape(zoo: Callable[[str], Path], 
             runner.shutdown()
             difference = float((expected - replay).abs().max())
             assert difference <= 1e-6, (modes, replayed, difference)
+
+
+# torch.compile's own imports touch torch.jit.script_method, deprecated in this torch.
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
+@pytest.mark.parametrize("family", ["bert", "qwen2"])
+def test_compiled_blocks_compute_what_the_eager_forward_does(zoo: Callable[[str], Path], family: str) -> None:
+    """The server compiles parts of each layer on CUDA (an encoder's add + LayerNorm steps, a
+    decoder's work around attention); CI has no GPU, so the same compiled code runs on the CPU."""
+    from toolkit.models import load_model
+    from toolkit.packing import pack
+    from toolkit.runner import Runner
+
+    model = load_model(zoo(family), torch.device("cpu"), torch.float32)
+    runner = Runner(model, torch.device("cpu"), ["mean"], normalize_output=True)
+    batches = [pack([[5, 6, 7], [8], list(range(9, 30))]), pack([list(range(40, 47))])]
+    with torch.inference_mode():
+        eager = [runner.embed(batch) for batch in batches]
+        model.module.compile_blocks()
+        compiled = [runner.embed(batch) for batch in batches]
+    runner.shutdown()
+    for before, after in zip(eager, compiled, strict=True):
+        assert float((before - after).abs().max()) <= 1e-6
