@@ -110,6 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve_with_front_ends(args, prepared, list(sys.argv[1:] if argv is None else argv))
 
+    # torch and the model code, imported here before the server starts: imported by the loading
+    # thread instead, they competed for the GIL with the event loop answering readiness polls,
+    # and the first embedding came 0.2-0.4 s later (benchmarks/startup.py).
+    import toolkit.runner  # noqa: F401
+
     def load(_: Callable[[BaseException], None]) -> Engine:
         engine = load_engine(args, prepared)
         settle_garbage_collector()
