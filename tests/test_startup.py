@@ -84,3 +84,26 @@ def test_short_texts_are_tokenized_on_the_event_loop_long_ones_beside_it() -> No
     finally:
         engine.batcher.runner.shutdown()
     assert seen[0] == loop_thread and seen[1] != loop_thread
+
+
+def test_compile_is_on_by_default_only_on_cuda_and_for_encoders_only_with_graphs() -> None:
+    """An encoder's compiled add + LayerNorm steps pay off only when CUDA graphs replay them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from toolkit.server_args import ServerArgs
+    from toolkit.startup import _compile_wanted
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    encoder = SimpleNamespace(compile_pays_off=True, compile_needs_graphs=True)
+    decoder = SimpleNamespace(compile_pays_off=True, compile_needs_graphs=False)
+    fallback = SimpleNamespace(compile_pays_off=False, compile_needs_graphs=False)
+    graphs, no_graphs = ServerArgs(), ServerArgs(cuda_graphs=False)
+    assert _compile_wanted(graphs, cuda, encoder)  # type: ignore[arg-type]
+    assert not _compile_wanted(no_graphs, cuda, encoder)  # type: ignore[arg-type]
+    assert _compile_wanted(no_graphs, cuda, decoder)  # type: ignore[arg-type]
+    assert not _compile_wanted(graphs, cuda, fallback)  # type: ignore[arg-type]
+    assert not _compile_wanted(graphs, cpu, decoder)  # type: ignore[arg-type]
+    assert _compile_wanted(ServerArgs(compile=True, cuda_graphs=False), cpu, encoder)  # type: ignore[arg-type]
+    assert not _compile_wanted(ServerArgs(compile=False), cuda, decoder)  # type: ignore[arg-type]

@@ -21,7 +21,10 @@ from toolkit.tokenization import TextTokenizer
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
+    import torch
+
     from toolkit.engine import Engine
+    from toolkit.models import LoadedModel
     from toolkit.runner import Runner
 
 logger = logging.getLogger(__name__)
@@ -90,9 +93,8 @@ def _load_on_device_thread(
     )
     spec = prepared.spec
     compile_blocks = getattr(model.module, "compile_blocks", None)
-    wanted = args.compile if args.compile is not None else device.type == "cuda" and model.compile_pays_off
     compiled = False
-    if wanted and compile_blocks is not None:
+    if _compile_wanted(args, device, model) and compile_blocks is not None:
         compile_blocks()
         compiled = True
     runner = Runner(model, device, spec.pooling_modes, spec.normalize, device_thread)
@@ -116,6 +118,16 @@ def _load_on_device_thread(
     batcher = Batcher(runner, batch_tokens, args.max_queued_tokens, args.max_queued_inputs)
     dim = model.hidden_size * len(spec.pooling_modes)
     return Engine(batcher, prepared.tokenizer, spec, limits, dim)
+
+
+def _compile_wanted(args: ServerArgs, device: torch.device, model: LoadedModel) -> bool:
+    """--compile / --no-compile when given; else on CUDA where the model gains from it (for an
+    encoder, only together with CUDA graphs)."""
+    if args.compile is not None:
+        return args.compile
+    if device.type != "cuda" or not model.compile_pays_off:
+        return False
+    return args.cuda_graphs or not model.compile_needs_graphs
 
 
 def _warm_up(runner: Runner, tokenizer: TextTokenizer, context_length: int, compiled: bool) -> None:
