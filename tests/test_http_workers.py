@@ -277,24 +277,25 @@ def test_front_ends_exit_when_their_engine_dies() -> None:
 
 # --- start-up and stop edge cases of the engine process ---------------------------------------
 
-# The server's main with `load_engine` replaced: it first sleeps, then raises or loads for real.
+# The server's main with the device thread's loading replaced: it first sleeps (a long load,
+# compile and graph capture), then raises or loads for real.
 _STUBBED_LOAD = """
 import sys, time
 import toolkit.startup as startup
 from toolkit.errors import ModelLoadError
-real_load = startup.load_engine
-def load(args, prepared):
+real_load = startup._load_on_device_thread
+def load(args, prepared, device_thread):
     time.sleep(float(sys.argv[1]))
     if sys.argv[2] == "fail":
         raise ModelLoadError("no usable weights")
-    return real_load(args, prepared)
-startup.load_engine = load
+    return real_load(args, prepared, device_thread)
+startup._load_on_device_thread = load
 from toolkit.launch_server import main
 sys.exit(main(sys.argv[3:]))
 """
 
 
-def _start_stubbed(sleep_s: float, outcome: str, port: int) -> subprocess.Popen[str]:
+def _start_stubbed(sleep_s: float, outcome: str, port: int, workers: int = 2) -> subprocess.Popen[str]:
     argv = [
         sys.executable,
         "-c",
@@ -302,7 +303,7 @@ def _start_stubbed(sleep_s: float, outcome: str, port: int) -> subprocess.Popen[
         str(sleep_s),
         outcome,
         "--http-workers",
-        "2",
+        str(workers),
         "--port",
         str(port),
     ]
@@ -320,17 +321,39 @@ def _wait_front_ends(process: subprocess.Popen[str], count: int) -> list[psutil.
 
 
 def test_a_stop_while_the_model_loads_ends_engine_and_front_ends_at_once() -> None:
-    process = _start_stubbed(60, "load", _free_port())
+    process = _start_stubbed(120, "load", _free_port())
     try:
         front_ends = _wait_front_ends(process, 2)
         time.sleep(2)  # the front ends are up and waiting for their engine
         os.killpg(process.pid, signal.SIGTERM)
-        output, _ = process.communicate(timeout=15)
+        output, _ = process.communicate(timeout=20)  # not the 120 s the load would take
         assert process.returncode == 0
         assert "Stopped while the model was loading." in output
         assert _all_gone(front_ends, timeout=10)
     finally:
         _kill_group(process)
+
+
+def test_a_one_process_server_stopped_while_loading_exits_at_once() -> None:
+    port = _free_port()
+    process = _start_stubbed(120, "load", port, workers=0)
+    try:
+        deadline = time.monotonic() + 60
+        while requests_status(f"http://127.0.0.1:{port}/health") != 503:  # serving, not loaded
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.communicate(timeout=20)  # not the 120 s the load would take
+        assert process.returncode == 0
+    finally:
+        _kill_group(process)
+
+
+def requests_status(url: str) -> int | None:
+    try:
+        return requests.get(url, timeout=2).status_code
+    except requests.ConnectionError:
+        return None
 
 
 def test_a_failed_load_exits_1_with_one_clear_line_and_stops_the_front_ends() -> None:

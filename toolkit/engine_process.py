@@ -38,12 +38,13 @@ _POLL_S = 0.2
 _KILL_GRACE_S = 5.0
 
 
-class _StopRequested(Exception):
-    """SIGTERM or SIGINT arrived while the model was loading."""
+class _StopRequested(BaseException):
+    """SIGTERM or SIGINT arrived while the model was loading. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on the way swallows it."""
 
 
 def serve_with_front_ends(args: ServerArgs, prepared: PreparedModel, argv: Sequence[str]) -> int:
-    from toolkit.launch_server import settle_garbage_collector
+    from toolkit.launch_server import exit_now, settle_garbage_collector
     from toolkit.startup import load_engine
 
     try:
@@ -59,27 +60,32 @@ def serve_with_front_ends(args: ServerArgs, prepared: PreparedModel, argv: Seque
     front_ends = [_start_front_end(argv, http_socket, link_path) for _ in range(args.http_workers)]
     http_socket.close()  # the front ends hold it now
     logger.info("Started %d HTTP front ends: %s", len(front_ends), [p.pid for p in front_ends])
+    stop_requested: list[int] = []  # signals noted between the load and the event loop
+    stopped_while_loading = False
     try:
         # Until the event loop takes the signals over, a stop request interrupts the load.
         _on_stop_signals(_raise_stop_requested)
         try:
             engine = load_engine(args, prepared)
+            _on_stop_signals(lambda signum, _: stop_requested.append(signum))
         except _StopRequested:
+            _on_stop_signals(lambda signum, _: None)  # a second signal changes nothing now
             logger.info("Stopped while the model was loading.")
+            stopped_while_loading = True
             return 0
         except (ModelLoadError, RuntimeError, OSError) as exc:
             logger.error("loading the model failed: %s", exc)
             return 1
-        stop_requested: list[int] = []
-        _on_stop_signals(lambda signum, _: stop_requested.append(signum))
         settle_garbage_collector()
         served = {"limits": dataclasses.asdict(engine.limits), "embedding_dim": engine.embedding_dim}
         service = BatchService(engine.batcher, served)
-        return asyncio.run(_serve(service, link_socket, front_ends, args.drain_timeout, bool(stop_requested)))
+        return asyncio.run(_serve(service, link_socket, front_ends, args.drain_timeout, stop_requested))
     finally:
         link_socket.close()  # front ends still waiting for HELLO see the engine gone
         _stop(front_ends)
         shutil.rmtree(link_dir, ignore_errors=True)
+        if stopped_while_loading:
+            exit_now(0)
 
 
 def _on_stop_signals(handler: Callable[[int, FrameType | None], None]) -> None:
@@ -96,14 +102,14 @@ async def _serve(
     link_socket: socket.socket,
     front_ends: list[subprocess.Popen[bytes]],
     drain_timeout: float,
-    stop_requested: bool,
+    stop_requested: list[int],
 ) -> int:
     loop = asyncio.get_running_loop()
     service.batcher.start()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    if stop_requested:  # between the end of loading and here
+    if stop_requested:  # noted between the end of loading and here
         stopping.set()
     server = await asyncio.start_unix_server(service.handle, sock=link_socket)
     logger.info("The engine is serving its HTTP front ends.")

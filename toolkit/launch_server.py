@@ -9,8 +9,9 @@ import logging
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from toolkit.errors import ModelLoadError
 from toolkit.server_args import LISTEN_FD_ENV, ServerArgs
@@ -115,12 +116,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # and the first embedding came 0.2-0.4 s later (benchmarks/startup.py).
     import toolkit.runner  # noqa: F401
 
+    loaded = threading.Event()
+
     def load(_: Callable[[BaseException], None]) -> Engine:
         engine = load_engine(args, prepared)
         settle_garbage_collector()
+        loaded.set()
         return engine
 
-    return serve_http(args, prepared, load)
+    exit_code = serve_http(args, prepared, load)
+    if not loaded.is_set():  # stopped (or failed) before the model was ready
+        exit_now(exit_code)
+    return exit_code
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit without waiting for the device thread. Stopped during loading, the thread may still
+    be loading, compiling or capturing CUDA graphs, and Python's exit would join it: a stopped
+    server would live on for as long as that takes (until a supervisor's SIGKILL)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def serve_http(

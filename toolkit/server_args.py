@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fuse the model's elementwise work with torch.compile (default: on for CUDA)",
+        help="fuse the model's elementwise work with torch.compile "
+        "(default: on for CUDA; encoders only with CUDA graphs)",
     )
     add(
         "--cuda-graphs",
