@@ -153,12 +153,17 @@ def test_remote_requests_are_answered_with_their_rows_and_stage_times(tmp_path: 
     async def scenario() -> None:
         async with linked(tmp_path, held=False, max_batch_tokens=8) as link:
             remote, timing = link.remote, RequestTiming()
+            batches: list[tuple[int, int, float]] = []
+            remote.on_batch = lambda *report: batches.append(report)
             first = remote.submit([WorkItem([1] * n) for n in (3, 5, 9)], timing)
             second = remote.submit([WorkItem([1, 2])])
-            assert remote.queued_inputs == 4 and remote.queued_tokens == 19
             assert [int(row[0]) for row in await first] == [3, 5, 9]
             assert [int(row[0]) for row in await second] == [2]
             assert timing.admitted is not None and timing.batched is not None
+            # Every engine batch is reported to the front end, with the queue left after it.
+            await _until(lambda: sum(inputs for inputs, _, _ in batches) == 4)
+            assert sum(tokens for _, tokens, _ in batches) == 19
+            assert all(seconds >= 0 for _, _, seconds in batches)
             assert remote.queued_inputs == 0 and remote.queued_tokens == 0
             assert await remote.submit([]) == []
 
@@ -187,7 +192,6 @@ def test_a_cancelled_remote_request_leaves_the_engine_queue(tmp_path: Path) -> N
             await _until(lambda: link.batcher.queued_inputs == 1)
             waiting.cancel()
             await _until(lambda: link.batcher.queued_inputs == 0)
-            assert link.remote.queued_inputs == 2
             link.runner.gate.set()
             await asyncio.gather(*busy)
 
@@ -257,6 +261,12 @@ def test_two_front_ends_embed_like_sentence_transformers_and_stop_cleanly() -> N
         assert bad.json()["error"]["type"] == "invalid_request_error"
         info = requests.get(f"{url}/get_model_info", timeout=10).json()
         assert info["embedding_dim"] == 384 and info["max_model_len"] == 256
+        for _ in range(4):  # whichever front end a scrape reaches, it shows the engine's batches
+            metrics = requests.get(f"{url}/metrics", timeout=10).text
+            batch_count = [
+                line for line in metrics.splitlines() if line.startswith("toolkit_batch_tokens_count")
+            ]
+            assert batch_count and float(batch_count[0].split()[-1]) > 0, metrics
     finally:
         terminate_process(process)
     assert process.returncode == 0

@@ -3,7 +3,9 @@ one Batcher over a Unix socket.
 
 Each connection first gets a HELLO (what the engine serves: limits, embedding size), then may
 send SUBMIT and CANCEL frames; every SUBMIT is answered by one RESULT or ERROR. A connection that
-closes withdraws its requests still queued: their clients are gone with their front end.
+closes withdraws its requests still queued: their clients are gone with their front end. Every
+finished batch is reported to every front end (BATCH), so that each one's /metrics shows the
+engine's batches and queue whichever front end a scrape reaches.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ class BatchService:
     def __init__(self, batcher: BatchQueue, served: dict[str, Any]) -> None:
         self.batcher = batcher
         self.served = served
+        self._front_ends: set[asyncio.StreamWriter] = set()
+        batcher.on_batch = self._report_batch
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one front end until it disconnects."""
         writer.write(ipc.encode_hello(self.served))
+        self._front_ends.add(writer)
         pending: _Pending = {}
         try:
             while True:
@@ -49,9 +54,19 @@ class BatchService:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the front end exited
         finally:
+            self._front_ends.discard(writer)
             for future in pending.values():
                 future.cancel()
             writer.close()
+
+    def _report_batch(self, inputs: int, tokens: int, seconds: float) -> None:
+        report = ipc.BatchReport(
+            inputs, tokens, seconds, self.batcher.queued_inputs, self.batcher.queued_tokens
+        )
+        data = ipc.encode_batch(report)
+        for writer in self._front_ends:
+            if not writer.is_closing():
+                writer.write(data)
 
     def _submit(self, frame: ipc.Frame, writer: asyncio.StreamWriter, pending: _Pending) -> None:
         timing = RequestTiming()

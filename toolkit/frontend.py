@@ -39,13 +39,12 @@ ENGINE_SOCKET_ENV = "TOOLKIT_ENGINE_SOCKET"
 class _Waiting:
     future: asyncio.Future[list[np.ndarray]]
     timing: RequestTiming | None
-    inputs: int
-    tokens: int
 
 
 class RemoteBatcher:
     """The engine's batcher as seen from a front end: the `BatchQueue` the front end's Engine
-    submits to. Its queue counts are this front end's inputs still awaiting their rows."""
+    submits to. `on_batch` hears of every batch the engine runs, for any front end; the queue
+    counts are the engine's, as of its last batch."""
 
     on_batch: Callable[[int, int, float], None] | None = None
 
@@ -58,7 +57,7 @@ class RemoteBatcher:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._open = True
-        self.queued_inputs = 0
+        self.queued_inputs = 0  # the engine's, as of its last BATCH report
         self.queued_tokens = 0
 
     @property
@@ -87,10 +86,7 @@ class RemoteBatcher:
             future.set_result([])
             return future
         request_id = next(self._ids)
-        tokens = sum(len(item.token_ids) for item in items)
-        self._waiting[request_id] = _Waiting(future, timing, len(items), tokens)
-        self.queued_inputs += len(items)
-        self.queued_tokens += tokens
+        self._waiting[request_id] = _Waiting(future, timing)
         self._send(ipc.encode_submit(request_id, items))
         if timing is not None:
             timing.admitted = time.perf_counter()
@@ -105,12 +101,8 @@ class RemoteBatcher:
 
     def _settled(self, request_id: int, future: asyncio.Future[list[np.ndarray]]) -> None:
         waiting = self._waiting.pop(request_id, None)
-        if waiting is None:
-            return
-        self.queued_inputs -= waiting.inputs
-        self.queued_tokens -= waiting.tokens
-        if future.cancelled() and self._open:  # the client left: the engine withdraws its inputs
-            self._send(ipc.frame(ipc.CANCEL, request_id))
+        if waiting is not None and future.cancelled() and self._open:
+            self._send(ipc.frame(ipc.CANCEL, request_id))  # the client left: the engine withdraws
 
     async def _receive(self) -> None:
         try:
@@ -133,6 +125,9 @@ class RemoteBatcher:
         self._on_lost(lost)
 
     def _deliver(self, frame: ipc.Frame) -> None:
+        if frame.kind == ipc.BATCH:
+            self._take_report(ipc.decode_batch(frame.body))
+            return
         waiting = self._waiting.get(frame.request_id)
         if waiting is None or waiting.future.done():
             return  # answered after its client left
@@ -145,6 +140,11 @@ class RemoteBatcher:
             waiting.future.set_result(result.rows)
         elif frame.kind == ipc.ERROR:
             waiting.future.set_exception(ipc.decode_error(frame.body))
+
+    def _take_report(self, report: ipc.BatchReport) -> None:
+        self.queued_inputs, self.queued_tokens = report.queued_inputs, report.queued_tokens
+        if self.on_batch is not None:
+            self.on_batch(report.inputs, report.tokens, report.seconds)
 
     def _fail_waiting(self, error: Exception) -> None:
         for waiting in list(self._waiting.values()):

@@ -8,6 +8,8 @@ gets numpy views it can join in one copy (see `toolkit.packing.pack`).
     front end -> engine   SUBMIT  inputs of one request      CANCEL  the client went away
     engine -> front end   HELLO   what the engine serves     RESULT  one row per input
                           ERROR   the request's error, as the server's own exception
+                          BATCH   a batch finished: its size and time, and the queue after it
+                                  (to every front end, for its /metrics)
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from toolkit import errors
 from toolkit.work import WorkItem
 
 HEADER = struct.Struct("<IBQ")  # body bytes, kind, request id
-HELLO, SUBMIT, CANCEL, RESULT, ERROR = b"HSCRE"
+HELLO, SUBMIT, CANCEL, RESULT, ERROR, BATCH = b"HSCREB"
 _COUNT = struct.Struct("<I")
 _RESULT_HEAD = struct.Struct("<IIdd")  # rows, dimensions, seconds queued, seconds in inference
+_BATCH = struct.Struct("<IQdIQ")  # inputs, tokens, seconds; inputs and tokens queued after it
 
 # Errors that may cross the wire as themselves; any other failure arrives as an InferenceError.
 _WIRE_ERRORS: dict[str, type[errors.ToolkitError]] = {
@@ -48,6 +51,15 @@ class Frame:
     kind: int
     request_id: int
     body: bytes
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    inputs: int
+    tokens: int
+    seconds: float
+    queued_inputs: int
+    queued_tokens: int
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,17 @@ def decode_error(body: bytes) -> errors.ToolkitError:
     if cls is errors.OverloadedError:
         return errors.OverloadedError(fields["message"], retry_after_s=fields["retry_after_s"] or 1)
     return cls(fields["message"], param=fields["param"], code=fields["code"])
+
+
+def encode_batch(report: BatchReport) -> bytes:
+    body = _BATCH.pack(
+        report.inputs, report.tokens, report.seconds, report.queued_inputs, report.queued_tokens
+    )
+    return frame(BATCH, 0, body)
+
+
+def decode_batch(body: bytes) -> BatchReport:
+    return BatchReport(*_BATCH.unpack(body))
 
 
 def encode_hello(served: dict[str, Any]) -> bytes:
