@@ -273,6 +273,30 @@ def test_two_front_ends_embed_like_sentence_transformers_and_stop_cleanly() -> N
     assert _all_gone(family, timeout=10)
 
 
+def test_a_front_end_that_dies_is_replaced_and_the_server_keeps_serving() -> None:
+    process, port = launch_server_cmd("python3 -m toolkit.launch_server --http-workers 2", host="127.0.0.1")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, timeout=180, process=process)
+        engine = psutil.Process(process.pid)
+        first = engine.children()
+        first[0].kill()  # as the kernel's OOM killer would
+        deadline = time.monotonic() + 60
+        while {child.pid for child in engine.children()} in ({first[1].pid}, {p.pid for p in first}):
+            assert time.monotonic() < deadline, "no replacement front end"
+            time.sleep(0.2)
+        assert len(engine.children()) == 2
+        wait_for_server(url, timeout=60, process=process)
+        for _ in range(6):  # both front ends answer
+            response = requests.post(f"{url}/v1/embeddings", json={"input": ["still here"]}, timeout=30)
+            assert response.status_code == 200, response.text
+        family = _processes(process.pid)
+    finally:
+        terminate_process(process)
+    assert process.returncode == 0
+    assert _all_gone(family, timeout=10)
+
+
 def test_front_ends_exit_when_their_engine_dies() -> None:
     process, port = launch_server_cmd("python3 -m toolkit.launch_server --http-workers 2", host="127.0.0.1")
     try:

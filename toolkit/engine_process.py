@@ -4,15 +4,17 @@ front ends (`toolkit.frontend`) that share its listening socket and send it thei
 Start-up: bind the HTTP socket (or take launch_server_cmd's) and a private Unix socket, start the
 front ends (they answer /health with 503 meanwhile), load the model, then greet each front end.
 SIGTERM or SIGINT: pass it on to the front ends, keep batching for them while they drain, and
-stop once they have all exited (during loading: stop at once). Should every front end die on its
-own, or the inference worker die, the engine exits with 1, and a front end whose engine is gone
-exits too: no half-alive server is left behind.
+stop once they have all exited (during loading: stop at once). A front end that exits otherwise
+is replaced; should replacements keep exiting, or the inference worker die, the engine exits
+with 1, and a front end whose engine is gone exits too: no half-alive server is left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -36,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2
 _KILL_GRACE_S = 5.0
+# A front end that exits is replaced, up to this many times per front end within the window;
+# past that they are failing for good (a bad flag, a broken install) and the server stops.
+_RESTARTS_PER_WINDOW = 3
+_RESTART_WINDOW_S = 60.0
 
 
 class _StopRequested(BaseException):
@@ -57,8 +63,9 @@ def serve_with_front_ends(args: ServerArgs, prepared: PreparedModel, argv: Seque
     link_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     link_socket.bind(link_path)
     link_socket.listen(max(16, args.http_workers))
-    front_ends = [_start_front_end(argv, http_socket, link_path) for _ in range(args.http_workers)]
-    http_socket.close()  # the front ends hold it now
+    # The engine keeps the listening socket (it never accepts on it) to start replacements.
+    start_front_end = functools.partial(_start_front_end, argv, http_socket, link_path)
+    front_ends = [start_front_end() for _ in range(args.http_workers)]
     logger.info("Started %d HTTP front ends: %s", len(front_ends), [p.pid for p in front_ends])
     stop_requested: list[int] = []  # signals noted between the load and the event loop
     stopped_while_loading = False
@@ -79,10 +86,13 @@ def serve_with_front_ends(args: ServerArgs, prepared: PreparedModel, argv: Seque
         settle_garbage_collector()
         served = {"limits": dataclasses.asdict(engine.limits), "embedding_dim": engine.embedding_dim}
         service = BatchService(engine.batcher, served)
-        return asyncio.run(_serve(service, link_socket, front_ends, args.drain_timeout, stop_requested))
+        return asyncio.run(
+            _serve(service, link_socket, front_ends, start_front_end, args.drain_timeout, stop_requested)
+        )
     finally:
         link_socket.close()  # front ends still waiting for HELLO see the engine gone
         _stop(front_ends)
+        http_socket.close()
         shutil.rmtree(link_dir, ignore_errors=True)
         if stopped_while_loading:
             exit_now(0)
@@ -101,6 +111,7 @@ async def _serve(
     service: BatchService,
     link_socket: socket.socket,
     front_ends: list[subprocess.Popen[bytes]],
+    start_front_end: Callable[[], subprocess.Popen[bytes]],
     drain_timeout: float,
     stop_requested: list[int],
 ) -> int:
@@ -113,17 +124,17 @@ async def _serve(
         stopping.set()
     server = await asyncio.start_unix_server(service.handle, sock=link_socket)
     logger.info("The engine is serving its HTTP front ends.")
-    exits = loop.create_task(_all_exited(front_ends))
+    supervised = loop.create_task(_supervise(front_ends, start_front_end, stopping))
     broken = loop.create_task(_broken(service.batcher))
     signalled = loop.create_task(stopping.wait())
-    await asyncio.wait({exits, broken, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({supervised, broken, signalled}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if stopping.is_set():
         for process in front_ends:  # harmless if they got the signal already (a process group's)
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(exits), drain_timeout + _KILL_GRACE_S)
+            await asyncio.wait_for(_all_exited(front_ends), drain_timeout + _KILL_GRACE_S)
         except TimeoutError:
             logger.error("HTTP front ends still running after the drain timeout: killing them")
     elif broken.done():
@@ -132,9 +143,9 @@ async def _serve(
         logger.error("the inference worker has stopped: stopping the server")
         exit_code = 1
     else:
-        logger.error("every HTTP front end has exited: stopping")
+        logger.error("HTTP front ends keep exiting: stopping the server")
         exit_code = 1
-    for task in (signalled, broken, exits):
+    for task in (signalled, broken, supervised):
         task.cancel()
     server.close()
     await service.batcher.close()
@@ -146,17 +157,37 @@ async def _broken(batcher: BatchQueue) -> None:
         await asyncio.sleep(_POLL_S)
 
 
-async def _all_exited(front_ends: list[subprocess.Popen[bytes]]) -> None:
-    reported: set[int] = set()
+async def _supervise(
+    front_ends: list[subprocess.Popen[bytes]],
+    start_front_end: Callable[[], subprocess.Popen[bytes]],
+    stopping: asyncio.Event,
+) -> None:
+    """Replace any front end that exits while the server is not stopping (a crash, an OOM kill);
+    return, to stop the server, once replacements keep exiting too."""
+    restarts: collections.deque[float] = collections.deque()
     while True:
-        for process in front_ends:
+        for index, process in enumerate(front_ends):
             code = process.poll()
-            if code is not None and process.pid not in reported:
-                reported.add(process.pid)
-                if code != 0:
-                    logger.error("HTTP front end %d exited with code %d", process.pid, code)
-        if len(reported) == len(front_ends):
-            return
+            if code is None or stopping.is_set():
+                continue
+            now = time.monotonic()
+            while restarts and now - restarts[0] > _RESTART_WINDOW_S:
+                restarts.popleft()
+            if len(restarts) >= _RESTARTS_PER_WINDOW * len(front_ends):
+                return
+            restarts.append(now)
+            front_ends[index] = start_front_end()
+            logger.error(
+                "HTTP front end %d exited with code %d: started %d instead",
+                process.pid,
+                code,
+                front_ends[index].pid,
+            )
+        await asyncio.sleep(_POLL_S)
+
+
+async def _all_exited(front_ends: list[subprocess.Popen[bytes]]) -> None:
+    while any(process.poll() is None for process in front_ends):
         await asyncio.sleep(_POLL_S)
 
 
