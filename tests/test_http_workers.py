@@ -16,9 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor as Pool
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,18 +230,31 @@ def _all_gone(processes: list[psutil.Process], timeout: float) -> bool:
     return not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
 
 
+@contextmanager
+def two_front_end_server() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A real server with two front ends; once the test is done, it must stop with exit 0 and
+    leave none of its processes behind."""
+    process, port = launch_server_cmd("python3 -m toolkit.launch_server --http-workers 2", host="127.0.0.1")
+    url = f"http://127.0.0.1:{port}"
+    family: list[psutil.Process] = []
+    try:
+        wait_for_server(url, timeout=180, process=process)
+        yield process, url
+        family = _processes(process.pid)
+    finally:
+        terminate_process(process)
+    assert process.returncode == 0
+    assert _all_gone(family, timeout=10)
+
+
 def test_two_front_ends_embed_like_sentence_transformers_and_stop_cleanly() -> None:
     from sentence_transformers import SentenceTransformer
 
     from toolkit.model_source import bundled_model_dir
 
     reference = SentenceTransformer(str(bundled_model_dir()), device="cpu").encode(TEXTS)
-    process, port = launch_server_cmd("python3 -m toolkit.launch_server --http-workers 2", host="127.0.0.1")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_server(url, timeout=180, process=process)
-        family = _processes(process.pid)
-        assert len(family) == 3  # the engine and its two front ends
+    with two_front_end_server() as (process, url):
+        assert len(_processes(process.pid)) == 3  # the engine and its two front ends
 
         def embed(texts: list[str]) -> np.ndarray:
             response = requests.post(f"{url}/v1/embeddings", json={"input": texts}, timeout=60)
@@ -267,17 +281,10 @@ def test_two_front_ends_embed_like_sentence_transformers_and_stop_cleanly() -> N
                 line for line in metrics.splitlines() if line.startswith("toolkit_batch_tokens_count")
             ]
             assert batch_count and float(batch_count[0].split()[-1]) > 0, metrics
-    finally:
-        terminate_process(process)
-    assert process.returncode == 0
-    assert _all_gone(family, timeout=10)
 
 
 def test_a_front_end_that_dies_is_replaced_and_the_server_keeps_serving() -> None:
-    process, port = launch_server_cmd("python3 -m toolkit.launch_server --http-workers 2", host="127.0.0.1")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_server(url, timeout=180, process=process)
+    with two_front_end_server() as (process, url):
         engine = psutil.Process(process.pid)
         first = engine.children()
         first[0].kill()  # as the kernel's OOM killer would
@@ -290,11 +297,6 @@ def test_a_front_end_that_dies_is_replaced_and_the_server_keeps_serving() -> Non
         for _ in range(6):  # both front ends answer
             response = requests.post(f"{url}/v1/embeddings", json={"input": ["still here"]}, timeout=30)
             assert response.status_code == 200, response.text
-        family = _processes(process.pid)
-    finally:
-        terminate_process(process)
-    assert process.returncode == 0
-    assert _all_gone(family, timeout=10)
 
 
 def test_front_ends_exit_when_their_engine_dies() -> None:

@@ -245,13 +245,11 @@ async def _load(
 ) -> None:
     try:
         engine = await _in_daemon_thread(load_engine)
-    except ModelLoadError as exc:  # a known cause: one clear line
-        logger.error("error: %s", exc)
-        if on_fatal is not None:
-            on_fatal(exc)
-        return
     except Exception as exc:
-        logger.exception("loading the model failed")
+        if isinstance(exc, ModelLoadError):  # a known cause: one clear line
+            logger.error("error: %s", exc)
+        else:
+            logger.exception("loading the model failed")
         if on_fatal is not None:
             on_fatal(exc)
         return
