@@ -41,9 +41,10 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S
 @dataclass
 class DeviceGate:
     """A fault_hook: records every batch, holds the first `hold` batches until released, and
-    raises `fault(batch)` when that returns an exception."""
+    raises `fault(batch)` when that returns an exception. `hold` None: as many batches as the
+    device threads run at once (set by `device_held`)."""
 
-    hold: int = 1
+    hold: int | None = None
     fault: Callable[[PackedBatch], BaseException | None] = lambda batch: None
     released: threading.Event = field(default_factory=threading.Event)
     batches: list[list[int]] = field(default_factory=list)
@@ -52,7 +53,7 @@ class DeviceGate:
     def __call__(self, batch: PackedBatch) -> None:
         self.batches.append(batch.input_ids.tolist())
         self.sizes.append(batch.num_seqs)
-        if len(self.batches) <= self.hold and not self.released.wait(WAIT_S):
+        if len(self.batches) <= (self.hold or 0) and not self.released.wait(WAIT_S):
             raise RuntimeError("the test never released the device")
         error = self.fault(batch)
         if error is not None:
@@ -128,10 +129,13 @@ def device_held(
     marker: int,
     workers: int,
 ) -> Iterator[tuple[ThreadPoolExecutor, Future[Any], Future[Any]]]:
-    """Install `gate` on the runner and fill both in-flight batch slots: one request held on the
-    device, one handed to the device thread behind it. Whatever is posted next waits in the
-    batcher's queue. Yields (pool, held, second); `workers` threads post. On the way out the gate
-    is released before the pool waits for its requests, so a failing test cannot hang."""
+    """Install `gate` on the runner and fill both in-flight batch slots: with one device thread,
+    one request held on the device and one handed to the thread behind it; with two (a CPU's
+    workers), both held on the device. Whatever is posted next waits in the batcher's queue.
+    Yields (pool, held, second); `workers` threads post. On the way out the gate is released
+    before the pool waits for its requests, so a failing test cannot hang."""
+    if gate.hold is None:
+        gate.hold = batcher.runner.parallel_batches
     batcher.runner.fault_hook = gate
     spy = SubmitSpy(batcher)
     try:

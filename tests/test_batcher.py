@@ -18,6 +18,7 @@ class FakeRunner:
     """Records batches; each row is [number of tokens]. `gate` holds the device until set."""
 
     alive = True
+    parallel_batches = 1
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []

@@ -42,7 +42,7 @@ from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
 )
 def test_full_queue_answers_429_with_retry_after_then_recovers(fresh_client) -> None:
     batcher = fresh_client.state.engine.batcher
-    gate = DeviceGate(hold=1)
+    gate = DeviceGate()
     post = lambda body: fresh_client.post("/v1/embeddings", json=body)  # noqa: E731
     with device_held(batcher, gate, post, marker=1001, workers=3) as (pool, held, second):
         queued = pool.submit(post, {"input": [ids(*[1003] * 8)]})  # 10 tokens wait in the queue
@@ -63,7 +63,7 @@ def test_full_queue_answers_429_with_retry_after_then_recovers(fresh_client) -> 
 def test_disconnected_clients_inputs_never_reach_the_device(threaded_server: ThreadedServer) -> None:
     state = threaded_server.state
     batcher = state.engine.batcher
-    gate = DeviceGate(hold=1)
+    gate = DeviceGate()
     url = f"{threaded_server.url}/v1/embeddings"
     gone = 2001
     post = lambda body: requests.post(url, json=body, timeout=WAIT_S)  # noqa: E731
@@ -116,7 +116,7 @@ def test_an_input_that_still_fails_gets_500_and_its_batch_mates_succeed(fresh_cl
     batcher = fresh_client.state.engine.batcher
     poison = 3001
     gate = DeviceGate(
-        hold=1, fault=lambda batch: torch.OutOfMemoryError("forced") if poison in batch.input_ids else None
+        fault=lambda batch: torch.OutOfMemoryError("forced") if poison in batch.input_ids else None
     )
     post = lambda body: fresh_client.post("/v1/embeddings", json=body)  # noqa: E731
     with device_held(batcher, gate, post, marker=3002, workers=4) as (pool, held, second):
@@ -138,7 +138,7 @@ def test_an_input_that_still_fails_gets_500_and_its_batch_mates_succeed(fresh_cl
 
 def test_dead_device_thread_fails_in_flight_requests_fast_and_health_turns_503(fresh_client) -> None:
     batcher = fresh_client.state.engine.batcher
-    gate = DeviceGate(hold=1, fault=lambda batch: SystemExit("device thread died"))
+    gate = DeviceGate(fault=lambda batch: SystemExit("device thread died"))
     post = lambda body: fresh_client.post("/v1/embeddings", json=body)  # noqa: E731
     with device_held(batcher, gate, post, marker=4001, workers=3) as (pool, held, second):
         queued = pool.submit(post, {"input": [ids(4003)]})

@@ -82,6 +82,7 @@ class GatedRunner:
     """Each row is [number of tokens]; `gate` holds the device until set."""
 
     alive = True
+    parallel_batches = 1
 
     def __init__(self) -> None:
         self.gate = threading.Event()
@@ -320,11 +321,11 @@ import sys, time
 import toolkit.startup as startup
 from toolkit.errors import ModelLoadError
 real_load = startup._load_on_device_thread
-def load(args, prepared, device_thread):
+def load(*args):
     time.sleep(float(sys.argv[1]))
     if sys.argv[2] == "fail":
         raise ModelLoadError("no usable weights")
-    return real_load(args, prepared, device_thread)
+    return real_load(*args)
 startup._load_on_device_thread = load
 from toolkit.launch_server import main
 sys.exit(main(sys.argv[3:]))

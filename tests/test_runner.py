@@ -35,7 +35,7 @@ def test_shutdown_answers_batches_still_queued() -> None:
     stopping.start()
     # Release the device only once shutdown has dropped the queued batch. ThreadPoolExecutor
     # flags _shutdown and drops its queue under _shutdown_lock (CPython internals, test only).
-    executor = runner._device_thread
+    executor = runner._device_threads._threads[0]
     deadline = time.monotonic() + 10
     while not executor._shutdown and time.monotonic() < deadline:  # type: ignore[attr-defined]
         time.sleep(0.001)

@@ -1,8 +1,12 @@
-"""Start-up: the model is loaded, warmed up and served on one thread (see new_device_thread)."""
+"""Start-up: the model is loaded, warmed up and served on the device threads (see DeviceThreads)."""
 
 from __future__ import annotations
 
+import os
 import threading
+
+import pytest
+import torch
 
 import toolkit.models
 from toolkit.runner import Runner, WorkItem
@@ -24,7 +28,7 @@ def test_loading_warm_up_and_serving_share_one_thread(monkeypatch) -> None:  # t
 
     monkeypatch.setattr(toolkit.models, "load_model", recording_load)
     monkeypatch.setattr(Runner, "embed", recording_embed)
-    args = ServerArgs.from_cli(["--device", "cpu"], environ={})
+    args = ServerArgs.from_cli(["--device", "cpu", "--cpu-workers", "1"], environ={})
     engine = load_engine(args, prepare(args))
     try:
         warmed_up = set(threads["forward"])
@@ -35,6 +39,37 @@ def test_loading_warm_up_and_serving_share_one_thread(monkeypatch) -> None:  # t
     assert warmed_up, "the warm-up ran no forward"
     assert threads["load"] == warmed_up == threads["forward"]
     assert threading.get_ident() not in threads["forward"]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) != 2, reason="the default of two CPU workers is for 2 cores")
+def test_two_cpu_workers_run_batches_side_by_side_and_a_lone_batch_on_both_cores(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    embed = Runner.embed
+    both_running = threading.Barrier(2, timeout=20)
+    seen: list[tuple[int, int]] = []  # (thread, torch threads) of each forward
+
+    def recording_embed(self, batch):  # type: ignore[no-untyped-def]
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        if len(seen) <= 2:
+            both_running.wait()  # passes only if the other batch is in a forward at the same time
+        return embed(self, batch)
+
+    args = ServerArgs.from_cli(["--device", "cpu", "--no-warmup"], environ={})
+    engine = load_engine(args, prepare(args))
+    runner = engine.batcher.runner
+    monkeypatch.setattr(Runner, "embed", recording_embed)
+    try:
+        side_by_side = [runner.submit([WorkItem([101, 2000 + i, 102])]) for i in range(2)]
+        rows = [future.result(timeout=30)[0] for future in side_by_side]
+        rows += runner.submit([WorkItem([101, 2002, 102])]).result(timeout=30)
+    finally:
+        runner.shutdown()
+    assert runner.parallel_batches == 2
+    first, second, lone = seen
+    assert first[0] != second[0]
+    assert second[1] == 1  # started while the other ran: one core each
+    assert lone == (first[0], 2)  # alone: the first thread, on both cores
+    assert torch.get_num_threads() == 2  # the calling thread's own setting is untouched
+    assert all(row.shape == (384,) for row in rows)
 
 
 def test_settled_garbage_collector_skips_start_up_objects_and_young_churn() -> None:

@@ -87,7 +87,9 @@ class Batcher:
         self._queued_tokens = 0
         self._queued_inputs = 0
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(_IN_FLIGHT_BATCHES)
+        # On a GPU, one batch runs while the next waits packed; a CPU with several device threads
+        # runs as many batches side by side.
+        self._slots = asyncio.Semaphore(max(_IN_FLIGHT_BATCHES, runner.parallel_batches))
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
 

@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from toolkit.device_threads import DeviceThreads
 from toolkit.errors import ServiceUnavailableError
 from toolkit.models import LoadedModel
 from toolkit.packing import PackedBatch, pack
@@ -57,6 +58,22 @@ class RunnerStats:
     device_s: float = 0.0  # GPU time between a batch's first and last kernel (CUDA only)
     first_launch: float | None = None
     last_done: float = 0.0
+    # A CPU's device threads record batches side by side.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def launched(self, began: float, tokens: int) -> None:
+        """A batch of `tokens` tokens, started at `began`, is launched (on a CPU: computed)."""
+        with self._lock:
+            if self.first_launch is None:
+                self.first_launch = began
+            self.batches += 1
+            self.tokens += tokens
+            self.launch_s += time.perf_counter() - began
+
+    def finished(self, device_seconds: float) -> None:
+        with self._lock:
+            self.device_s += device_seconds
+            self.last_done = time.perf_counter()
 
     def summary(self) -> str:
         wall = self.last_done - self.first_launch if self.first_launch is not None else 0.0
@@ -74,10 +91,11 @@ class _Launched:
     done: torch.cuda.Event | None
 
     def results(self, stats: RunnerStats) -> list[ItemResult]:
+        device_seconds = 0.0
         if self.done is not None and self.started is not None:
             self.done.synchronize()
-            stats.device_s += self.started.elapsed_time(self.done) / 1000
-        stats.last_done = time.perf_counter()
+            device_seconds = self.started.elapsed_time(self.done) / 1000
+        stats.finished(device_seconds)
         rows: list[ItemResult] = list(self.host.numpy())
         results = rows.copy()
         for row, item in zip(rows, self.order, strict=True):
@@ -89,28 +107,18 @@ class _Launched:
 _Part = _Launched | list[ItemResult]
 
 
-def new_device_thread() -> ThreadPoolExecutor:
-    """The thread for all of a server's torch work: loading, warm-up and every batch.
-
-    One thread, because on a CPU each thread that runs a parallel torch op gets an OpenMP team
-    of its own. Once the teams together hold more threads than there are cores, GNU OpenMP
-    stops letting idle workers spin and wakes them through the kernel at every parallel region:
-    on 2 cores, a model warmed up on one thread and served on another took three times as long
-    per lone request (benchmarks/serve.py; a tiny BERT's forward went from 1.6 to 5.1 ms)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
-
-
 class Runner:
-    """Launches batches on one device thread and, on a GPU, finishes them on another.
+    """Launches batches on the device thread(s) and, on a GPU, finishes them on another.
 
     The device thread only queues work: it packs a batch, launches the forward and an
     asynchronous copy of the embeddings to pinned memory, and moves on to the next batch. The
     finishing thread waits for each copy and hands the rows out. So the GPU never idles while
     Python packs the next batch or converts the last one. On a CPU the rows are ready when the
-    forward returns, and the device thread hands them out itself.
+    forward returns, and the device thread hands them out itself; with several CPU device
+    threads, as many batches run at once (`parallel_batches`).
 
-    `device_thread` is the thread the model was loaded on (see `new_device_thread`); by default
-    the runner starts its own.
+    `device_threads` holds the thread the model was loaded on (see `DeviceThreads`); by
+    default the runner starts its own single thread.
     """
 
     def __init__(
@@ -119,7 +127,7 @@ class Runner:
         device: torch.device,
         pooling_modes: Sequence[str],
         normalize_output: bool,
-        device_thread: ThreadPoolExecutor | None = None,
+        device_threads: DeviceThreads | None = None,
     ) -> None:
         self.model = model
         self.device = device
@@ -131,7 +139,8 @@ class Runner:
         self.row_mode = single_mode if single_mode in model.row_pooling_modes else None
         # Tests inject faults here (e.g. raise torch.OutOfMemoryError for large batches).
         self.fault_hook: Callable[[PackedBatch], None] | None = None
-        self._device_thread = device_thread or new_device_thread()
+        self._device_threads = device_threads or DeviceThreads()
+        self._stats_lock = threading.Lock()  # device threads of a CPU share the stats
         self._finish_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._broken = threading.Event()
         self._unanswered: set[Future[list[ItemResult]]] = set()
@@ -142,12 +151,17 @@ class Runner:
     def alive(self) -> bool:
         return not self._broken.is_set()
 
+    @property
+    def parallel_batches(self) -> int:
+        """How many batches the device threads run at once."""
+        return self._device_threads.workers
+
     def submit(self, items: Sequence[WorkItem]) -> Future[list[ItemResult]]:
         """Queue a batch; the future holds one result (a row or an error) per item."""
         future: Future[list[ItemResult]] = Future()
         self._unanswered.add(future)
         future.add_done_callback(self._unanswered.discard)
-        self._device_thread.submit(self._launch_guarded, list(items), future)
+        self._device_threads.submit(self._launch_guarded, list(items), future)
         return future
 
     def run(self, items: Sequence[WorkItem]) -> list[ItemResult]:
@@ -155,7 +169,7 @@ class Runner:
         return _collect(self._launch_splitting(list(items)), self.stats)
 
     def shutdown(self) -> None:
-        self._device_thread.shutdown(wait=True, cancel_futures=True)
+        self._device_threads.shutdown(wait=True, cancel_futures=True)
         self._finish_thread.shutdown(wait=True, cancel_futures=True)
         # Batches still queued were dropped with the threads' queues: answer them, or whoever
         # awaits them (a request past the drain timeout) would wait forever.
@@ -204,16 +218,12 @@ class Runner:
     @torch.inference_mode()
     def _launch(self, items: list[WorkItem]) -> _Launched:
         began = time.perf_counter()
-        if self.stats.first_launch is None:
-            self.stats.first_launch = began
         # Longest first: padded attention (CPU; MPNet, float32 or pre-Ampere on CUDA) pads each
         # run of similar lengths on its own.
         order = sorted(range(len(items)), key=lambda i: -len(items[i].token_ids))
         batch = pack([items[i].token_ids for i in order], [items[i].pool_start for i in order])
         if self.fault_hook is not None:
             self.fault_hook(batch)
-        self.stats.batches += 1
-        self.stats.tokens += batch.num_tokens
         started = None
         if self.device.type == "cuda":
             started = torch.cuda.Event(enable_timing=True)
@@ -222,13 +232,13 @@ class Runner:
         if embeddings is None:
             embeddings = self.embed(batch.to(self.device))
         if started is None:
-            self.stats.launch_s += time.perf_counter() - began
+            self.stats.launched(began, batch.num_tokens)
             return _Launched(embeddings, order, None, None)
         host = torch.empty(embeddings.shape, dtype=embeddings.dtype, pin_memory=True)
         host.copy_(embeddings, non_blocking=True)
         done = torch.cuda.Event(enable_timing=True)
         done.record()
-        self.stats.launch_s += time.perf_counter() - began
+        self.stats.launched(began, batch.num_tokens)
         return _Launched(host, order, started, done)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:

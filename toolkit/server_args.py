@@ -45,6 +45,7 @@ class ServerArgs:
     compile: bool | None = None
     cuda_graphs: bool = True
     http_workers: int = 0
+    cpu_workers: int | None = None
     listen_fd: int | None = None
 
     @property
@@ -187,5 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve HTTP from N processes of their own that send token ids to this one (for small "
         "models on fast GPUs, where one process's HTTP work limits throughput); default 0: "
         "HTTP in this process",
+    )
+    add(
+        "--cpu-workers",
+        type=_positive_int,
+        default=None,
+        help="on a CPU, run N batches at once, each on its share of the cores (default: 2 on a "
+        "2-core machine, else 1); ignored on CUDA",
     )
     return parser

@@ -19,10 +19,9 @@ from toolkit.server_args import ServerArgs
 from toolkit.tokenization import TextTokenizer
 
 if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
-
     import torch
 
+    from toolkit.device_threads import DeviceThreads
     from toolkit.engine import Engine
     from toolkit.models import LoadedModel
     from toolkit.runner import Runner
@@ -60,26 +59,37 @@ def _override(spec: EmbeddingSpec, args: ServerArgs) -> EmbeddingSpec:
 def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
     """Load weights onto the device and build the Engine (imports torch: server process only).
 
-    The work runs on the thread that will serve every batch (see `new_device_thread`)."""
-    from toolkit.runner import new_device_thread
+    The work runs on a thread that will serve batches (see `DeviceThreads`)."""
+    import torch
 
-    device_thread = new_device_thread()
+    from toolkit.device_threads import DeviceThreads
+    from toolkit.runner import pick_device
+
+    device = pick_device(args.device)
+    device_threads = DeviceThreads(_cpu_workers(args, torch.get_num_threads()) if device.type == "cpu" else 1)
     try:
-        return device_thread.submit(_load_on_device_thread, args, prepared, device_thread).result()
+        return device_threads.submit(_load_on_device_thread, args, prepared, device, device_threads).result()
     except BaseException:
-        device_thread.shutdown(wait=False)
+        device_threads.shutdown(wait=False)
         raise
 
 
+def _cpu_workers(args: ServerArgs, cores: int) -> int:
+    """--cpu-workers (at most one per core), else one per core on 2 cores: measured there only
+    (see toolkit.device_threads); larger machines keep one worker on all cores."""
+    if args.cpu_workers is not None:
+        return min(args.cpu_workers, cores)
+    return 2 if cores == 2 else 1
+
+
 def _load_on_device_thread(
-    args: ServerArgs, prepared: PreparedModel, device_thread: ThreadPoolExecutor
+    args: ServerArgs, prepared: PreparedModel, device: torch.device, device_threads: DeviceThreads
 ) -> Engine:
     from toolkit.batcher import Batcher
     from toolkit.engine import Engine, EngineLimits
     from toolkit.models import load_model
-    from toolkit.runner import Runner, RunnerStats, pick_device, pick_dtype
+    from toolkit.runner import Runner, RunnerStats, pick_dtype
 
-    device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     started = time.perf_counter()
     model = load_model(prepared.spec.transformer_dir, device, dtype)
@@ -97,7 +107,7 @@ def _load_on_device_thread(
     if _compile_wanted(args, device, model) and compile_blocks is not None:
         compile_blocks()
         compiled = True
-    runner = Runner(model, device, spec.pooling_modes, spec.normalize, device_thread)
+    runner = Runner(model, device, spec.pooling_modes, spec.normalize, device_threads)
     context_length = _context_length(args, spec, model.max_input_tokens)
     if args.warmup:
         _warm_up(runner, prepared.tokenizer, context_length, compiled)

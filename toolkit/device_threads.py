@@ -1,0 +1,76 @@
+"""The threads that run a server's torch work: loading, warm-up and every batch.
+
+On a GPU, one thread. On a CPU, one thread per worker (`--cpu-workers`), each running whole
+batches with its share of the cores. A forward's many short parallel regions keep one core
+waiting for the other at every barrier, and whatever else the server does on a core stalls
+both: on 2 cores, two single-threaded forwards side by side embedded 1.3x the tokens per second
+of one forward on both (MiniLM, in-process), and the server at 32 clients 1.08–1.12x
+(`benchmarks/serve.py`, alternating runs). A lone batch still gets every core: with one worker
+per core, the first thread runs a batch on all of them while no other batch is running, so a
+single large request is not slowed down.
+
+A torch thread count is an OpenMP setting of the calling thread, so each thread sets its own,
+and only when it changes (a change cost ~10 ms). Their OpenMP teams together must not hold more
+threads than there are cores: GNU OpenMP then stops letting idle workers spin and wakes them
+through the kernel at every parallel region. On 2 cores, a model warmed up on one thread with a
+team of 2 and served on another with a team of 2 took three times as long per lone request (a
+tiny BERT's forward went from 1.6 to 5.1 ms). Only the first thread ever has a team larger than
+its share, and the others' single-thread teams add no threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class DeviceThreads:
+    """`workers` threads, each running one submitted call at a time (see the module docstring)."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+        self._cores = torch.get_num_threads()
+        self._share = max(1, self._cores // workers)
+        # Only with one worker per core can the first thread take every core for a lone batch
+        # without the teams exceeding the cores (see the module docstring).
+        self._lone_gets_all = workers > 1 and self._share == 1
+        self._threads = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{i}") for i in range(workers)
+        ]
+        self._running = [0] * workers  # submitted, not yet finished, per thread
+        self._first_thread_count = self._share  # the first thread's torch thread count
+        self._lock = threading.Lock()
+        if workers > 1:
+            for thread in self._threads:
+                thread.submit(torch.set_num_threads, self._share)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run `fn(*args)` on an idle thread, the first one first; else on the least loaded."""
+        with self._lock:
+            index = min(range(self.workers), key=lambda i: (self._running[i], i))
+            self._running[index] += 1
+        return self._threads[index].submit(self._run, index, fn, *args)
+
+    def _run(self, index: int, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            if self._lone_gets_all and index == 0:
+                with self._lock:
+                    alone = sum(self._running) == 1
+                count = self._cores if alone else self._share
+                if count != self._first_thread_count:  # a change costs ~10 ms: only when needed
+                    torch.set_num_threads(count)
+                    self._first_thread_count = count
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._running[index] -= 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        for thread in self._threads:
+            thread.shutdown(wait=wait, cancel_futures=cancel_futures)
