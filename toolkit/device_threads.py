@@ -46,6 +46,7 @@ class DeviceThreads:
         self._running = [0] * workers  # submitted, not yet finished, per thread
         self._first_thread_count = self._share  # the first thread's torch thread count
         self._lock = threading.Lock()
+        self._current = threading.local()  # index: which thread this is; released: counted free
         if workers > 1:
             for thread in self._threads:
                 thread.submit(torch.set_num_threads, self._share)
@@ -57,7 +58,17 @@ class DeviceThreads:
             self._running[index] += 1
         return self._threads[index].submit(self._run, index, fn, *args)
 
+    def release(self) -> None:
+        """Count the calling device thread as free already, before its call returns: for work
+        whose result is handed out inside the call. The next request may arrive before the call
+        has returned; it should still find the first thread free, not land on a single core."""
+        with self._lock:
+            if not self._current.released:
+                self._current.released = True
+                self._running[self._current.index] -= 1
+
     def _run(self, index: int, fn: Callable[..., T], *args: Any) -> T:
+        self._current.index, self._current.released = index, False
         try:
             if self._lone_gets_all and index == 0:
                 with self._lock:
@@ -68,8 +79,7 @@ class DeviceThreads:
                     self._first_thread_count = count
             return fn(*args)
         finally:
-            with self._lock:
-                self._running[index] -= 1
+            self.release()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         for thread in self._threads:

@@ -198,6 +198,7 @@ class Runner:
         if self.device.type == "cuda":
             self._finish_thread.submit(_finish, parts, future, self.stats)
         else:  # nothing to wait for: a hop to another thread would only add latency
+            self._device_threads.release()  # free for the next batch before this one is answered
             _finish(parts, future, self.stats)
 
     def _launch_splitting(self, items: list[WorkItem]) -> list[_Part]:
