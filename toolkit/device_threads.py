@@ -1,21 +1,23 @@
 """The threads that run a server's torch work: loading, warm-up and every batch.
 
 On a GPU, one thread. On a CPU, one thread per worker (`--cpu-workers`), each running whole
-batches with its share of the cores. A forward's many short parallel regions keep one core
-waiting for the other at every barrier, and whatever else the server does on a core stalls
-both: on 2 cores, two single-threaded forwards side by side embedded 1.3x the tokens per second
-of one forward on both (MiniLM, in-process), and the server at 32 clients 1.08–1.12x
-(`benchmarks/serve.py`, alternating runs). A lone batch still gets every core: with one worker
-per core, the first thread runs a batch on all of them while no other batch is running, so a
-single large request is not slowed down.
+batches with its share of torch's threads (the cores, unless OMP_NUM_THREADS says otherwise). A
+forward's many short parallel regions keep one core waiting for the other at every barrier, and
+whatever else the server does on a core stalls both: on 2 cores, two single-threaded forwards
+side by side embedded 1.3x the tokens per second of one forward on both (MiniLM, in-process),
+and the server at 32 clients 1.08–1.12x (`benchmarks/serve.py`, alternating runs). A lone batch
+still gets every core: with a share of one thread each, the first thread runs a batch on all of
+them when no other batch is running, so a single large request is not slowed down.
 
-A torch thread count is an OpenMP setting of the calling thread, so each thread sets its own,
-and only when it changes (a change cost ~10 ms). Their OpenMP teams together must not hold more
-threads than there are cores: GNU OpenMP then stops letting idle workers spin and wakes them
-through the kernel at every parallel region. On 2 cores, a model warmed up on one thread with a
-team of 2 and served on another with a team of 2 took three times as long per lone request (a
-tiny BERT's forward went from 1.6 to 5.1 ms). Only the first thread ever has a team larger than
-its share, and the others' single-thread teams add no threads.
+A torch thread count is an OpenMP setting of the calling thread, so each thread sets its own
+before every batch, and only when it differs (a change cost ~10 ms). A thread's setting starts
+from the last count set by any thread, so it is never left to that. Their OpenMP teams together
+should not hold more threads than there are cores: GNU OpenMP then stops letting idle workers
+spin and wakes them through the kernel at every parallel region. On 2 cores, a model warmed up
+on one thread with a team of 2 and served on another with a team of 2 took three times as long
+per lone request (a tiny BERT's forward went from 1.6 to 5.1 ms). Only the first thread ever has
+a team larger than its share; when a second batch starts while the first thread's lone batch
+still runs on every core, the two overlap with one thread too many until that batch ends.
 """
 
 from __future__ import annotations
@@ -37,19 +39,15 @@ class DeviceThreads:
         self.workers = workers
         self._cores = torch.get_num_threads()
         self._share = max(1, self._cores // workers)
-        # Only with one worker per core can the first thread take every core for a lone batch
-        # without the teams exceeding the cores (see the module docstring).
+        # Only with a share of one thread can the first thread take every core for a lone batch
+        # without the teams exceeding the cores for good (see the module docstring).
         self._lone_gets_all = workers > 1 and self._share == 1
         self._threads = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{i}") for i in range(workers)
         ]
         self._running = [0] * workers  # submitted, not yet finished, per thread
-        self._first_thread_count = self._share  # the first thread's torch thread count
         self._lock = threading.Lock()
         self._current = threading.local()  # index: which thread this is; released: counted free
-        if workers > 1:
-            for thread in self._threads:
-                thread.submit(torch.set_num_threads, self._share)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run `fn(*args)` on an idle thread, the first one first; else on the least loaded."""
@@ -70,17 +68,20 @@ class DeviceThreads:
     def _run(self, index: int, fn: Callable[..., T], *args: Any) -> T:
         self._current.index, self._current.released = index, False
         try:
-            if self._lone_gets_all and index == 0:
+            if self.workers > 1:
                 with self._lock:
                     alone = sum(self._running) == 1
-                count = self._cores if alone else self._share
-                if count != self._first_thread_count:  # a change costs ~10 ms: only when needed
-                    torch.set_num_threads(count)
-                    self._first_thread_count = count
+                wanted = self._cores if alone and index == 0 and self._lone_gets_all else self._share
+                if torch.get_num_threads() != wanted:
+                    torch.set_num_threads(wanted)
             return fn(*args)
         finally:
             self.release()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        # Every queue is closed (and, if asked, emptied) before waiting for any running batch.
         for thread in self._threads:
-            thread.shutdown(wait=wait, cancel_futures=cancel_futures)
+            thread.shutdown(wait=False, cancel_futures=cancel_futures)
+        if wait:
+            for thread in self._threads:
+                thread.shutdown(wait=True)

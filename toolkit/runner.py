@@ -140,7 +140,6 @@ class Runner:
         # Tests inject faults here (e.g. raise torch.OutOfMemoryError for large batches).
         self.fault_hook: Callable[[PackedBatch], None] | None = None
         self._device_threads = device_threads or DeviceThreads()
-        self._stats_lock = threading.Lock()  # device threads of a CPU share the stats
         self._finish_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._broken = threading.Event()
         self._unanswered: set[Future[list[ItemResult]]] = set()
