@@ -31,13 +31,18 @@ import torch
 
 T = TypeVar("T")
 
+# torch's thread count when this module is first imported (by the server's main thread, before
+# any device thread exists): the cores, unless OMP_NUM_THREADS says otherwise. Read once, since
+# later a thread's count starts from whatever count any thread set last.
+CORES = torch.get_num_threads()
+
 
 class DeviceThreads:
     """`workers` threads, each running one submitted call at a time (see the module docstring)."""
 
     def __init__(self, workers: int = 1) -> None:
         self.workers = workers
-        self._cores = torch.get_num_threads()
+        self._cores = CORES
         self._share = max(1, self._cores // workers)
         # Only with a share of one thread can the first thread take every core for a lone batch
         # without the teams exceeding the cores for good (see the module docstring).

@@ -60,13 +60,11 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
     """Load weights onto the device and build the Engine (imports torch: server process only).
 
     The work runs on a thread that will serve batches (see `DeviceThreads`)."""
-    import torch
-
-    from toolkit.device_threads import DeviceThreads
+    from toolkit.device_threads import CORES, DeviceThreads
     from toolkit.runner import pick_device
 
     device = pick_device(args.device)
-    device_threads = DeviceThreads(_cpu_workers(args, torch.get_num_threads()) if device.type == "cpu" else 1)
+    device_threads = DeviceThreads(_cpu_workers(args, CORES) if device.type == "cpu" else 1)
     try:
         return device_threads.submit(_load_on_device_thread, args, prepared, device, device_threads).result()
     except BaseException:
