@@ -5,7 +5,7 @@ batches with its share of torch's threads (the cores, unless OMP_NUM_THREADS say
 forward's many short parallel regions keep one core waiting for the other at every barrier, and
 whatever else the server does on a core stalls both: on 2 cores, two single-threaded forwards
 side by side embedded 1.3x the tokens per second of one forward on both (MiniLM, in-process),
-and the server at 32 clients 1.08–1.12x (`benchmarks/serve.py`, alternating runs). A lone batch
+and the server at 32 clients 1.08–1.23x (`benchmarks/serve.py`, alternating runs). A lone batch
 still gets every core: with a share of one thread each, the first thread runs a batch on all of
 them when no other batch is running, so a single large request is not slowed down.
 
