@@ -42,11 +42,10 @@ class DeviceThreads:
 
     def __init__(self, workers: int = 1) -> None:
         self.workers = workers
-        self._cores = CORES
-        self._share = max(1, self._cores // workers)
-        # Only with a share of one thread can the first thread take every core for a lone batch
-        # without the teams exceeding the cores for good (see the module docstring).
-        self._lone_gets_all = workers > 1 and self._share == 1
+        self._share = max(1, CORES // workers)
+        # The first thread's count for a batch that runs alone: every core, but only where the
+        # share is one thread, or the teams would exceed the cores for good (module docstring).
+        self._lone = CORES if self._share == 1 else self._share
         self._threads = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{i}") for i in range(workers)
         ]
@@ -76,7 +75,7 @@ class DeviceThreads:
             if self.workers > 1:
                 with self._lock:
                     alone = sum(self._running) == 1
-                wanted = self._cores if alone and index == 0 and self._lone_gets_all else self._share
+                wanted = self._lone if alone and index == 0 else self._share
                 if torch.get_num_threads() != wanted:
                     torch.set_num_threads(wanted)
             return fn(*args)
