@@ -64,6 +64,10 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
     from toolkit.runner import pick_device
 
     device = pick_device(args.device)
+    if device.type == "cpu":
+        from toolkit.heap import keep_freed_memory
+
+        keep_freed_memory()
     device_threads = DeviceThreads(_cpu_workers(args, CORES) if device.type == "cpu" else 1)
     try:
         return device_threads.submit(_load_on_device_thread, args, prepared, device, device_threads).result()
