@@ -11,9 +11,11 @@ Threads allocate from the main heap too: a thread's own arena cannot grow a bloc
 and maps larger ones whatever the settings. The device threads allocate a few dozen blocks per
 batch, so sharing one heap's lock costs nothing measurable.
 
-The cost: the heap stays at its peak size (the largest batch's activations) until the process
-ends, up to `_KEEP_AT_MOST` of free memory at its top. A GPU server allocates little host memory
-and leaves malloc alone.
+The cost: the heap stays at its peak size (the largest batches' activations) until the process
+ends, up to `_KEEP_AT_MOST` of free memory at its top. In a 60 s soak at 64 clients
+(`benchmarks/soak.py`) the MiniLM server's RSS rose to 751 MiB within 25 s and stayed there, where
+it had wandered between 393 and 509 MiB; it answered 18 % more requests. A GPU server allocates
+little host memory and leaves malloc alone.
 """
 
 from __future__ import annotations
