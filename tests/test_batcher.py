@@ -19,6 +19,7 @@ class FakeRunner:
 
     alive = True
     parallel_batches = 1
+    splits_idle_work = False
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
@@ -53,6 +54,31 @@ def test_batches_respect_the_token_budget_and_results_map_back() -> None:
         assert [int(row[0]) for row in rows] == [4, 4, 4, 12, 1]
         assert all(sum(batch) <= 10 or len(batch) == 1 for batch in runner.batches)
         assert sorted(n for batch in runner.batches for n in batch) == [1, 4, 4, 4, 12]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("splits", [True, False])
+def test_idle_workers_share_a_request_only_where_the_runner_splits_idle_work(splits: bool) -> None:
+    async def scenario() -> None:
+        runner = FakeRunner()
+        runner.parallel_batches, runner.splits_idle_work = 2, splits  # two CPU workers
+        batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
+        batcher.start()
+        rows = await batcher.submit(items(8, 12, 10, 10))
+        assert [int(row[0]) for row in rows] == [8, 12, 10, 10]
+        # Both workers idle: 20 tokens each, or all 40 on one where the first runs a lone batch
+        # on every core (2-core machines, see DeviceThreads).
+        assert sorted(runner.batches) == ([[8, 12], [10, 10]] if splits else [[8, 12, 10, 10]])
+        runner.batches.clear()
+        runner.gate.clear()
+        busy = batcher.submit(items(3))  # holds one worker
+        await asyncio.sleep(0.05)
+        rest = batcher.submit(items(5, 5, 5, 5))
+        runner.gate.set()
+        await asyncio.gather(busy, rest)
+        assert sorted(runner.batches) == [[3], [5, 5, 5, 5]]  # one idle worker takes it all
         await batcher.stop()
 
     asyncio.run(scenario())

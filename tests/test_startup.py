@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import toolkit.device_threads
 import toolkit.models
-from toolkit.device_threads import CORES
+from toolkit.device_threads import CORES, DeviceThreads
 from toolkit.runner import Runner, WorkItem
 from toolkit.server_args import ServerArgs
 from toolkit.startup import load_engine, prepare
@@ -69,6 +71,23 @@ def test_two_cpu_workers_run_batches_side_by_side_and_a_lone_batch_on_both_cores
     assert set(together) == {"device-0", "device-1"} and together["device-1"] == 1
     assert lone == ("device-0", 2)  # alone: the first thread, on both cores
     assert all(row.shape == (384,) for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "boosts", "splits"),
+    [(2, 2, True, False), (16, 4, False, True), (16, 1, False, False)],
+)
+def test_workers_of_several_cores_split_idle_work_where_no_lone_batch_gets_every_core(
+    monkeypatch, cores: int, workers: int, boosts: bool, splits: bool
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(toolkit.device_threads, "CORES", cores)
+    threads = DeviceThreads(workers)
+    model = SimpleNamespace(row_pooling_modes=())  # all the runner reads of a model when built
+    runner = Runner(model, torch.device("cpu"), ("mean",), True, threads)  # type: ignore[arg-type]
+    try:
+        assert (threads.boosts_lone_batches, runner.splits_idle_work) == (boosts, splits)
+    finally:
+        runner.shutdown()
 
 
 def test_settled_garbage_collector_skips_start_up_objects_and_young_churn() -> None:

@@ -4,7 +4,11 @@ Every input is its own entry, so inputs of concurrent requests share batches; a 
 future, resolved when its last input is back. A batch is filled in arrival order up to
 `max_batch_tokens` (an input longer than the budget runs alone); entries whose request is gone
 are skipped. Two batches may be in flight: while the device runs one, the next is already packed
-and waiting. A batch's failure fails the requests of its inputs and the loop goes on.
+and waiting. A CPU with several device threads runs as many batches side by side; where each
+thread has several cores, a batch takes only an equal share of the queued tokens while several
+threads are idle, so one request's inputs run on every worker instead of one (16-core Xeon,
+bundled MiniLM's shape, one client: see `toolkit.device_threads`). A batch's failure fails the
+requests of its inputs and the loop goes on.
 """
 
 from __future__ import annotations
@@ -174,6 +178,7 @@ class Batcher:
     def _take_batch(self) -> list[Entry]:
         batch: list[Entry] = []
         tokens = 0
+        share = self._idle_share()
         while self._queue:
             entry = self._queue[0]
             if entry.submission.future.done():  # the client went away: never reaches the device
@@ -181,6 +186,8 @@ class Batcher:
                 self._withdraw(entry)
                 continue
             if batch and tokens + entry.num_tokens > self.max_batch_tokens:
+                break
+            if batch and tokens + entry.num_tokens // 2 > share:  # nearer the share without it
                 break
             self._queue.popleft()
             self._withdraw(entry)
@@ -195,6 +202,14 @@ class Batcher:
                 self._queued_tokens,
             )
         return batch
+
+    def _idle_share(self) -> int:
+        """The tokens the next batch should hold: `max_batch_tokens`, or, where the runner splits
+        idle work and several device threads are idle, an equal share of the queue for each."""
+        idle = self.runner.parallel_batches - len(self._in_flight)
+        if idle <= 1 or not self.runner.splits_idle_work:
+            return self.max_batch_tokens
+        return min(self.max_batch_tokens, -(-self._queued_tokens // idle))
 
     async def _run(self, batch: list[Entry]) -> None:
         results: list[ItemResult]

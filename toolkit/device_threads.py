@@ -53,6 +53,12 @@ class DeviceThreads:
         self._lock = threading.Lock()
         self._current = threading.local()  # index: which thread this is; released: counted free
 
+    @property
+    def boosts_lone_batches(self) -> bool:
+        """Whether the first thread runs a batch that is alone on every core (one core per
+        worker only); elsewhere the batcher splits work among idle threads instead."""
+        return self._lone > self._share
+
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run `fn(*args)` on an idle thread, the first one first; else on the least loaded."""
         with self._lock:

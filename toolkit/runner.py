@@ -155,6 +155,13 @@ class Runner:
         """How many batches the device threads run at once."""
         return self._device_threads.workers
 
+    @property
+    def splits_idle_work(self) -> bool:
+        """Whether a batch should take only its equal share of the queue while several device
+        threads are idle (CPU workers of several cores each, see `toolkit.batcher`)."""
+        threads = self._device_threads
+        return threads.workers > 1 and not threads.boosts_lone_batches
+
     def submit(self, items: Sequence[WorkItem]) -> Future[list[ItemResult]]:
         """Queue a batch; the future holds one result (a row or an error) per item."""
         future: Future[list[ItemResult]] = Future()
