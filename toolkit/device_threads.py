@@ -7,7 +7,11 @@ whatever else the server does on a core stalls both: on 2 cores, two single-thre
 side by side embedded 1.3x the tokens per second of one forward on both (MiniLM, in-process),
 and the server at 32 clients 1.08–1.23x (`benchmarks/serve.py`, alternating runs). A lone batch
 still gets every core: with a share of one thread each, the first thread runs a batch on all of
-them when no other batch is running, so a single large request is not slowed down.
+them when no other batch is running, so a single large request is not slowed down. With several
+cores per worker the batcher splits idle work among the workers instead (`toolkit.batcher`).
+On a 16-core Xeon (MiniLM's shape, alternating runs), 4 workers of 4 threads served 1.24–1.33x
+the tokens of one worker at 8 and 32 clients and 0.96–1.11x at one; on 8 of its cores, 2 workers
+1.01–1.49x and 1.15–1.27x, and 0.91–1.02x at one client.
 
 A torch thread count is an OpenMP setting of the calling thread, so each thread sets its own
 before every batch, and only when it differs (a change cost ~10 ms). A thread's setting starts
