@@ -84,6 +84,44 @@ def test_idle_workers_share_a_request_only_where_the_runner_splits_idle_work(spl
     asyncio.run(scenario())
 
 
+def test_workers_that_finish_together_are_both_idle_for_the_next_batch() -> None:
+    class HeldRunner(FakeRunner):
+        """Each batch's future waits for the test to answer it, on the event loop's thread."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.held: list[tuple[Future, list[WorkItem]]] = []
+
+        def submit(self, items):  # type: ignore[no-untyped-def]
+            future: Future = Future()
+            self.held.append((future, list(items)))
+            self.batches.append([len(item.token_ids) for item in items])
+            return future
+
+    async def scenario() -> None:
+        runner = HeldRunner()
+        runner.parallel_batches, runner.splits_idle_work = 2, True
+        batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
+        batcher.start()
+        first = batcher.submit(items(1))
+        await asyncio.sleep(0.05)
+        second = batcher.submit(items(1))
+        await asyncio.sleep(0.05)  # both workers busy
+        waiting = batcher.submit(items(10, 10, 10, 10))
+        await asyncio.sleep(0.05)
+        for future, held in runner.held:  # both finish at once
+            future.set_result([np.zeros(1, dtype=np.float32) for _ in held])
+        await asyncio.gather(first, second)
+        await asyncio.sleep(0.05)
+        assert runner.batches[2:] == [[10, 10], [10, 10]]  # shared by the two idle workers
+        for future, held in runner.held[2:]:
+            future.set_result([np.zeros(1, dtype=np.float32) for _ in held])
+        await waiting
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def test_cancelled_inputs_free_the_budget_at_once_and_never_run() -> None:
     async def scenario() -> None:
         runner = FakeRunner()

@@ -96,6 +96,9 @@ class Batcher:
         self._slots = asyncio.Semaphore(max(_IN_FLIGHT_BATCHES, runner.parallel_batches))
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Batches holding a slot. Counted down before the slot is given back: the loop, woken by
+        # that, counts idle device threads, and a finished task leaves `_in_flight` only later.
+        self._running = 0
 
     @property
     def queued_inputs(self) -> int:
@@ -172,6 +175,7 @@ class Batcher:
                 self._wakeup.clear()
                 continue
             task = asyncio.create_task(self._run(batch))
+            self._running += 1
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
@@ -206,7 +210,7 @@ class Batcher:
     def _idle_share(self) -> int:
         """The tokens the next batch should hold: `max_batch_tokens`, or, where the runner splits
         idle work and several device threads are idle, an equal share of the queue for each."""
-        idle = self.runner.parallel_batches - len(self._in_flight)
+        idle = self.runner.parallel_batches - self._running
         if idle <= 1 or not self.runner.splits_idle_work:
             return self.max_batch_tokens
         return min(self.max_batch_tokens, -(-self._queued_tokens // idle))
@@ -226,6 +230,7 @@ class Batcher:
             if not self.runner.alive:  # nothing queued will ever run: fail it now, not on a timeout
                 self._fail_queued(ServiceUnavailableError("the inference worker is not running"))
         finally:
+            self._running -= 1
             self._slots.release()
             for entry, result in zip(batch, results, strict=True):
                 entry.submission.deliver(entry.index, result)
