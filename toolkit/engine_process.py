@@ -51,7 +51,7 @@ class _StopRequested(BaseException):
 
 def serve_with_front_ends(args: ServerArgs, prepared: PreparedModel, argv: Sequence[str]) -> int:
     from toolkit.launch_server import exit_now, settle_garbage_collector
-    from toolkit.startup import load_engine
+    from toolkit.startup import load_engine, prepare_process_memory
 
     try:
         http_socket = _http_socket(args)
@@ -73,6 +73,7 @@ def serve_with_front_ends(args: ServerArgs, prepared: PreparedModel, argv: Seque
         # Until the event loop takes the signals over, a stop request interrupts the load.
         _on_stop_signals(_raise_stop_requested)
         try:
+            prepare_process_memory(args)  # no thread of this process has started yet
             engine = load_engine(args, prepared)
             _on_stop_signals(lambda signum, _: stop_requested.append(signum))
         except _StopRequested:

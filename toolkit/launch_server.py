@@ -49,7 +49,9 @@ def pin_mmap_threshold() -> None:
     the activations of each batch, whose sizes change with every packed batch, come from the heap
     and fragment it. Under benchmarks/soak.py the server's RSS grew by half within a minute that
     way, and served fewer requests; with the threshold pinned it stays flat. Setting it explicitly
-    switches glibc's adjustment off. A no-op where the C library is not glibc.
+    switches glibc's adjustment off. A no-op where the C library is not glibc. A CPU server then
+    turns mappings off altogether and keeps its peak heap instead (`toolkit.heap`): there, fresh
+    pages for every batch cost more than the memory.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -64,8 +66,9 @@ def pin_mmap_threshold() -> None:
 def use_transparent_huge_pages() -> None:
     """Ask torch to back its CPU tensors of 2 MiB and more with transparent huge pages.
 
-    With the mmap threshold pinned, every large activation is a fresh mapping whose pages fault
-    in one by one; huge pages fault in 512 times fewer steps. On the 2-core CI machine a
+    With the mmap threshold pinned, every large activation was a fresh mapping whose pages fault
+    in one by one; huge pages fault in 512 times fewer steps. (A CPU server now keeps its
+    activations' pages instead, see `toolkit.heap`.) On the 2-core CI machine a
     32-input MiniLM batch took 1.26-1.44 s instead of 1.59-1.73 s, RSS unchanged. torch reads the
     switch once, at its first allocation, so this must run before torch is imported; a value the
     user set is kept. Where the kernel offers no huge pages, torch's madvise is a no-op.
@@ -98,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_transparent_huge_pages()
     logger.info("server_args=%s", args.describe())
 
-    from toolkit.startup import load_engine, prepare
+    from toolkit.startup import load_engine, prepare, prepare_process_memory
 
     try:
         prepared = prepare(args)
@@ -116,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # and the first embedding came 0.2-0.4 s later (benchmarks/startup.py).
     import toolkit.runner  # noqa: F401
 
+    prepare_process_memory(args)  # before serve_http starts the loading thread
     loaded = threading.Event()
 
     def load(_: Callable[[BaseException], None]) -> Engine:

@@ -56,6 +56,17 @@ def _override(spec: EmbeddingSpec, args: ServerArgs) -> EmbeddingSpec:
     return replace(spec, pooling_modes=modes, normalize=normalize)
 
 
+def prepare_process_memory(args: ServerArgs) -> None:
+    """On a CPU server, keep freed activations in the heap (`toolkit.heap`). Call on the main
+    thread before the process starts any other thread (imports torch)."""
+    from toolkit.runner import pick_device
+
+    if pick_device(args.device).type == "cpu":
+        from toolkit.heap import keep_freed_memory
+
+        keep_freed_memory()
+
+
 def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
     """Load weights onto the device and build the Engine (imports torch: server process only).
 
@@ -64,10 +75,6 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
     from toolkit.runner import pick_device
 
     device = pick_device(args.device)
-    if device.type == "cpu":
-        from toolkit.heap import keep_freed_memory
-
-        keep_freed_memory()
     device_threads = DeviceThreads(_cpu_workers(args, CORES) if device.type == "cpu" else 1)
     try:
         return device_threads.submit(_load_on_device_thread, args, prepared, device, device_threads).result()
