@@ -90,12 +90,12 @@ def test_workers_of_several_cores_split_idle_work_where_no_lone_batch_gets_every
         runner.shutdown()
 
 
-def test_default_cpu_workers_follow_the_core_count_and_the_flag_caps_at_one_per_core() -> None:
+def test_default_cpu_workers_are_two_on_two_cores_else_one_and_the_flag_caps_at_one_per_core() -> None:
     from toolkit.startup import _cpu_workers
 
     default = ServerArgs.from_cli([], environ={})
     by_cores = {cores: _cpu_workers(default, cores) for cores in (1, 2, 4, 7, 8, 16, 64)}
-    assert by_cores == {1: 1, 2: 2, 4: 1, 7: 1, 8: 2, 16: 4, 64: 4}
+    assert by_cores == {1: 1, 2: 2, 4: 1, 7: 1, 8: 1, 16: 1, 64: 1}
     assert _cpu_workers(ServerArgs.from_cli(["--cpu-workers", "8"], environ={}), 4) == 4
 
 

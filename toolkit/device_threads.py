@@ -11,7 +11,9 @@ them when no other batch is running, so a single large request is not slowed dow
 cores per worker the batcher splits idle work among the workers instead (`toolkit.batcher`).
 On a 16-core Xeon (MiniLM's shape, alternating runs), 4 workers of 4 threads served 1.24–1.33x
 the tokens of one worker at 8 and 32 clients and 0.96–1.11x at one; on 8 of its cores, 2 workers
-1.01–1.49x and 1.15–1.27x, and 0.91–1.02x at one client.
+1.01–1.49x and 1.15–1.27x, and 0.91–1.02x at one client. But an input that cannot be split
+runs on one worker's share: a lone 400–512-token text took 48–51 ms with 4 workers against 23
+with one, so larger machines default to one worker (`--cpu-workers` opts in).
 
 A torch thread count is an OpenMP setting of the calling thread, so each thread sets its own
 before every batch, and only when it differs (a change cost ~10 ms). A thread's setting starts

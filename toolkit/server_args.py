@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-workers",
         type=_positive_int,
         default=None,
-        help="on a CPU, run N batches at once, each on its share of the cores (default: 2 on "
-        "2 cores, one per 4 cores up to 4 from 8 cores, else 1); ignored on CUDA",
+        help="on a CPU, run N batches at once, each on its share of the cores (default: 2 on a "
+        "2-core machine, else 1: more serve more at load, but a lone input that cannot be split "
+        "runs on one worker's share); ignored on CUDA",
     )
     return parser
