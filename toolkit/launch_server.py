@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import os
@@ -14,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from toolkit.errors import ModelLoadError
+from toolkit.heap import pin_mmap_threshold
 from toolkit.server_args import LISTEN_FD_ENV, ServerArgs
 
 if TYPE_CHECKING:
@@ -24,8 +23,6 @@ logger = logging.getLogger("toolkit")
 
 LOG_FORMAT = "[%(asctime)s] %(message)s"
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number, from <malloc.h>
-_MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value
 _TORCH_THP_ENV = "THP_MEM_ALLOC_ENABLE"
 _YOUNG_OBJECTS_PER_COLLECTION = 10_000  # Python's default is 700
 
@@ -40,27 +37,6 @@ def configure_logging(level: str, process_name: str | None = None) -> None:
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
-
-
-def pin_mmap_threshold() -> None:
-    """Keep glibc serving blocks over 128 KiB with mmap, so that freeing them returns the memory.
-
-    glibc raises its mmap threshold whenever a large block is freed (up to 32 MiB); from then on
-    the activations of each batch, whose sizes change with every packed batch, come from the heap
-    and fragment it. Under benchmarks/soak.py the server's RSS grew by half within a minute that
-    way, and served fewer requests; with the threshold pinned it stays flat. Setting it explicitly
-    switches glibc's adjustment off. A no-op where the C library is not glibc. A CPU server then
-    turns mappings off altogether and keeps its peak heap instead (`toolkit.heap`): there, fresh
-    pages for every batch cost more than the memory.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError, TypeError):
-        logger.debug("mallopt is unavailable: the C library's own memory policy stays")
 
 
 def use_transparent_huge_pages() -> None:
