@@ -21,6 +21,7 @@ from tqdm import tqdm
 from toolkit.errors import ModelLoadError
 from toolkit.models.decoder import Decoder, DecoderConfig, decoder_state_dict
 from toolkit.models.encoder import Encoder, EncoderConfig, encoder_state_dict
+from toolkit.models.short_batch_linear import pack_linear_weights
 from toolkit.packing import PackedBatch
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ def _load_native(
         dim, max_tokens = dec_cfg.dim, dec_cfg.max_input_tokens
     module.load_state_dict(state, strict=True, assign=True)
     module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if device.type == "cpu":
+        pack_linear_weights(module)
     return LoadedModel(
         forward=module,
         module=module,
