@@ -11,7 +11,18 @@ from torch.nn import functional as F
 
 from tests.model_zoo import build_tiny_model
 from toolkit.models import load_model, short_batch_linear
-from toolkit.models.short_batch_linear import PACKED_MAX_ROWS, ShortBatchLinear, pack_linear_weights
+from toolkit.models.short_batch_linear import (
+    PACKED_MAX_ROWS,
+    ShortBatchLinear,
+    pack_linear_weights,
+    packed_products_pay_off,
+)
+
+
+@pytest.fixture
+def packing_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether packing pays is measured at load and differs by machine: decided here instead."""
+    monkeypatch.setattr(short_batch_linear, "packed_products_pay_off", lambda layers: True)
 
 
 class _TwoLayers(nn.Module):
@@ -45,7 +56,15 @@ def test_a_row_alone_equals_it_inside_a_short_batch() -> None:
         torch.testing.assert_close(wrapped(x[3:4]), wrapped(x)[3:4], rtol=0, atol=1e-6)
 
 
-def test_packing_keeps_parameters_and_state_dict() -> None:
+def test_a_product_under_autograd_keeps_its_gradient() -> None:
+    wrapped = ShortBatchLinear.wrap(nn.Linear(16, 8))
+    x = torch.randn(3, 16, requires_grad=True)
+    wrapped(x).sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, wrapped.weight.sum(0).expand(3, 16))
+
+
+def test_packing_keeps_parameters_and_state_dict(packing_pays: None) -> None:
     model = _TwoLayers()
     before = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
     x = torch.randn(7, 48)
@@ -69,8 +88,29 @@ def test_no_packing_past_the_memory_cap_or_off_float32(monkeypatch: pytest.Monke
     assert type(half.up) is nn.Linear
 
 
-def test_loaded_cpu_model_packs_its_linear_layers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pays", [True, False])
+def test_loaded_cpu_model_packs_where_it_pays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pays: bool
+) -> None:
+    monkeypatch.setattr(short_batch_linear, "packed_products_pay_off", lambda layers: pays)
     model_dir = build_tiny_model("bert", tmp_path / "bert")
     loaded = load_model(model_dir, torch.device("cpu"), torch.float32)
     linears = [m for m in loaded.module.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(isinstance(m, ShortBatchLinear) for m in linears)
+    assert linears and all(isinstance(m, ShortBatchLinear) == pays for m in linears)
+
+
+@pytest.mark.parametrize(
+    ("packed_s", "plain_s", "pays"), [(0.5, 1.0, True), (0.95, 1.0, False), (2.0, 1.0, False)]
+)
+def test_packing_pays_only_with_a_clear_margin(
+    monkeypatch: pytest.MonkeyPatch, packed_s: float, plain_s: float, pays: bool
+) -> None:
+    calls: list[bool] = []
+
+    def timed(layers: object, inputs: object, *, packed: bool) -> float:
+        calls.append(packed)
+        return packed_s if packed else plain_s
+
+    monkeypatch.setattr(short_batch_linear, "_time_products", timed)
+    assert packed_products_pay_off([ShortBatchLinear.wrap(nn.Linear(8, 8))], rounds=2) is pays
+    assert calls == [True, False, True, False, True]  # a first packed run builds the kernels

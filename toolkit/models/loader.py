@@ -97,8 +97,8 @@ def _load_native(
         dim, max_tokens = dec_cfg.dim, dec_cfg.max_input_tokens
     module.load_state_dict(state, strict=True, assign=True)
     module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if device.type == "cpu":
-        pack_linear_weights(module)
+    if device.type == "cpu" and pack_linear_weights(module):
+        logger.info("Short batches take oneDNN products with weights packed at load: faster than MKL here.")
     return LoadedModel(
         forward=module,
         module=module,

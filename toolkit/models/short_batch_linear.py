@@ -1,19 +1,25 @@
-"""Linear layers that keep short CPU batches fast: oneDNN with weights packed once at load.
+"""Linear layers that keep short CPU batches fast where oneDNN with packed weights beats MKL.
 
-torch's CPU `linear` goes to MKL's sgemm, which repacks the weight on every call and barely
-uses a second core for a few rows. For a lone short text that repacking outweighs the product:
-MiniLM's 24 products over 6 rows took 6.5 ms on 2 cores, against 3.0 ms through oneDNN with
-weights packed in advance, and its whole 6-token forward 8.5 ms against 6.3 ms (fp32, 2-core
-EPYC, in-process). From about 64 rows on the two are even, and MKL is a few per cent faster on
-thousands of rows. oneDNN also builds a kernel for every new row count (about 1 ms per weight
-shape, once; its cache holds 1024), so only batches of up to `PACKED_MAX_ROWS` rows take the
-packed copy; larger ones keep MKL and the plain weight.
+torch's CPU `linear` goes to MKL's sgemm. On the 2-core EPYC of CI, MKL repacks the weight on
+every call and barely uses the second core for a few rows, so a lone short text spent most of
+its forward repacking: MiniLM's 24 products over 6 rows took 6.5 ms on 2 cores, against 3.0 ms
+through oneDNN with weights packed in advance, and its whole 6-token forward 8.5 ms against
+6.3 ms (fp32, in-process). On a 16-core Xeon the same swap made a lone short request slower
+(6.1-6.9 against 3.4-3.7 ms), so whether it pays is measured at load, on the thread and thread
+count that serve a lone batch (`packed_products_pay_off`).
 
-The packed copy doubles the memory of the linear weights, so only models whose linear weights
-fit `PACKED_MAX_BYTES` get one.
+Only batches of up to `PACKED_MAX_ROWS` rows (packed tokens) take the packed copy: from about
+64 rows on the two are even, MKL is a few per cent faster on thousands, and oneDNN builds a
+kernel for every new row count, weight shape and thread count (about 1 ms each, once; its cache
+holds 1024). The copy doubles the memory of the linear weights, so only models whose linear
+weights fit `PACKED_MAX_BYTES` get one. Packing comes last: the copy does not follow a later
+`.to()` or an in-place change of the weight.
 """
 
 from __future__ import annotations
+
+import math
+import time
 
 import torch
 from torch import nn
@@ -21,6 +27,10 @@ from torch.nn import functional as F
 
 PACKED_MAX_ROWS = 64
 PACKED_MAX_BYTES = 512 * 2**20
+# The packed products must take at most this share of MKL's time on a short batch to be kept:
+# a margin over the noise of a few milliseconds' measurement.
+PACKED_MAX_TIME_SHARE = 0.9
+CALIBRATION_ROWS = 8  # a short text's tokens
 
 
 class ShortBatchLinear(nn.Linear):
@@ -38,16 +48,20 @@ class ShortBatchLinear(nn.Linear):
         return wrapped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch.compile (--compile on a CPU) lowers the packed product only for frozen weights.
-        if x.dim() != 2 or x.shape[0] > PACKED_MAX_ROWS or torch.compiler.is_compiling():
+        # torch.compile (--compile on a CPU) lowers the packed product only for frozen weights,
+        # and the packed op has no backward: both take the plain product.
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        packed = torch.ops.mkldnn._linear_pointwise
-        return packed(x.contiguous(), self.packed_weight, self.bias, "none", [], "")
+        if x.dim() != 2 or x.shape[0] > PACKED_MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
 def pack_linear_weights(module: nn.Module) -> bool:
-    """Swap every `nn.Linear` of an fp32 CPU model for a `ShortBatchLinear`; False (and no
-    change) where oneDNN is missing or the copies would exceed `PACKED_MAX_BYTES`."""
+    """Swap every `nn.Linear` of an fp32 CPU model for a `ShortBatchLinear`, where that pays
+    off on this machine. False, and no change, where the model has no plain linear layer, is
+    not fp32 on a CPU, oneDNN is missing, the copies would exceed `PACKED_MAX_BYTES`, or MKL is
+    as fast on a short batch. Call it on the thread that will serve lone batches."""
     linears = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear]
     if not linears or not torch.backends.mkldnn.is_available():
         return False
@@ -56,7 +70,34 @@ def pack_linear_weights(module: nn.Module) -> bool:
         return False
     if sum(w.numel() * w.element_size() for w in weights) > PACKED_MAX_BYTES:
         return False
-    for name, linear in linears:
+    wrapped = [ShortBatchLinear.wrap(linear) for _, linear in linears]
+    if not packed_products_pay_off(wrapped):
+        return False
+    for (name, _), layer in zip(linears, wrapped, strict=True):
         parent_name, _, attribute = name.rpartition(".")
-        setattr(module.get_submodule(parent_name), attribute, ShortBatchLinear.wrap(linear))
+        setattr(module.get_submodule(parent_name), attribute, layer)
     return True
+
+
+def packed_products_pay_off(layers: list[ShortBatchLinear], rounds: int = 3) -> bool:
+    """Whether the layers' packed products over a short batch take at most
+    `PACKED_MAX_TIME_SHARE` of MKL's time (best of `rounds`, alternating; some 50 ms for MiniLM)."""
+    inputs = {layer.in_features: torch.randn(CALIBRATION_ROWS, layer.in_features) for layer in layers}
+    _time_products(layers, inputs, packed=True)  # builds oneDNN's kernels for this row count
+    best = {True: math.inf, False: math.inf}
+    for _ in range(rounds):
+        for packed in (False, True):
+            best[packed] = min(best[packed], _time_products(layers, inputs, packed=packed))
+    return best[True] <= PACKED_MAX_TIME_SHARE * best[False]
+
+
+@torch.inference_mode()
+def _time_products(layers: list[ShortBatchLinear], inputs: dict[int, torch.Tensor], *, packed: bool) -> float:
+    started = time.perf_counter()
+    for layer in layers:
+        x = inputs[layer.in_features]
+        if packed:
+            layer(x)
+        else:
+            F.linear(x, layer.weight, layer.bias)
+    return time.perf_counter() - started
