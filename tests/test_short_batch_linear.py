@@ -88,6 +88,19 @@ def test_no_packing_past_the_memory_cap_or_off_float32(monkeypatch: pytest.Monke
     assert type(half.up) is nn.Linear
 
 
+def test_a_failing_onednn_leaves_the_plain_layers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def fail(weight: torch.Tensor, *args: object) -> torch.Tensor:
+        raise RuntimeError("no such kernel here")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", fail)
+    model = _TwoLayers()
+    assert not pack_linear_weights(model)
+    assert type(model.up) is nn.Linear and type(model.block[1]) is nn.Linear
+    assert "packed linear products failed" in caplog.text
+
+
 @pytest.mark.parametrize("pays", [True, False])
 def test_loaded_cpu_model_packs_where_it_pays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pays: bool

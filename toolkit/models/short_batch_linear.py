@@ -18,12 +18,15 @@ weights fit `PACKED_MAX_BYTES` get one. Packing comes last: the copy does not fo
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+logger = logging.getLogger(__name__)
 
 PACKED_MAX_ROWS = 64
 PACKED_MAX_BYTES = 512 * 2**20
@@ -60,8 +63,8 @@ class ShortBatchLinear(nn.Linear):
 def pack_linear_weights(module: nn.Module) -> bool:
     """Swap every `nn.Linear` of an fp32 CPU model for a `ShortBatchLinear`, where that pays
     off on this machine. False, and no change, where the model has no plain linear layer, is
-    not fp32 on a CPU, oneDNN is missing, the copies would exceed `PACKED_MAX_BYTES`, or MKL is
-    as fast on a short batch. Call it on the thread that will serve lone batches."""
+    not fp32 on a CPU, oneDNN is missing or fails, the copies would exceed `PACKED_MAX_BYTES`,
+    or MKL is as fast on a short batch. Call it on the thread that will serve lone batches."""
     linears = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear]
     if not linears or not torch.backends.mkldnn.is_available():
         return False
@@ -70,8 +73,12 @@ def pack_linear_weights(module: nn.Module) -> bool:
         return False
     if sum(w.numel() * w.element_size() for w in weights) > PACKED_MAX_BYTES:
         return False
-    wrapped = [ShortBatchLinear.wrap(linear) for _, linear in linears]
-    if not packed_products_pay_off(wrapped):
+    try:
+        wrapped = [ShortBatchLinear.wrap(linear) for _, linear in linears]
+        if not packed_products_pay_off(wrapped):
+            return False
+    except RuntimeError:  # a oneDNN build without these ops (other CPUs): serve with the plain ones
+        logger.warning("oneDNN's packed linear products failed; short batches use torch's", exc_info=True)
         return False
     for (name, _), layer in zip(linears, wrapped, strict=True):
         parent_name, _, attribute = name.rpartition(".")
