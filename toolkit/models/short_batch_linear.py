@@ -1,19 +1,19 @@
 """Linear layers that keep short CPU batches fast where oneDNN with packed weights beats MKL.
 
-torch's CPU `linear` goes to MKL's sgemm. On the 2-core EPYC of CI, MKL repacks the weight on
-every call and barely uses the second core for a few rows, so a lone short text spent most of
-its forward repacking: MiniLM's 24 products over 6 rows took 6.5 ms on 2 cores, against 3.0 ms
-through oneDNN with weights packed in advance, and its whole 6-token forward 8.5 ms against
-6.3 ms (fp32, in-process). On a 16-core Xeon the same swap made a lone short request slower
-(6.1-6.9 against 3.4-3.7 ms), so whether it pays is measured at load, on the thread and thread
-count that serve a lone batch (`packed_products_pay_off`).
+torch's CPU `linear` goes to MKL's sgemm. On a 2-core EPYC (this project's machines), MKL
+repacks the weight on every call and barely uses the second core for a few rows, so a lone
+short text spent most of its forward repacking: MiniLM's 24 products over 6 rows took 6.5 ms
+on 2 cores, against 3.0 ms through oneDNN with weights packed in advance, and its whole
+6-token forward 8.5 ms against 6.3 ms (fp32, in-process). On a 16-core Xeon the same swap
+made a lone short request slower (6.1-6.9 against 3.4-3.7 ms), so whether it pays is measured
+at load, on the thread and thread count that serve a lone batch (`packed_products_pay_off`).
 
-Only batches of up to `PACKED_MAX_ROWS` rows (packed tokens) take the packed copy: from about
-64 rows on the two are even, MKL is a few per cent faster on thousands, and oneDNN builds a
-kernel for every new row count, weight shape and thread count (about 1 ms each, once; its cache
-holds 1024). The copy doubles the memory of the linear weights, so only models whose linear
-weights fit `PACKED_MAX_BYTES` get one. Packing comes last: the copy does not follow a later
-`.to()` or an in-place change of the weight.
+Only batches of up to `PACKED_MAX_ROWS` rows (packed tokens) take the packed copy: at 64 rows
+the two are even on one thread (oneDNN still leads on two), at 256 on both, and MKL is a few
+per cent faster on thousands; and oneDNN builds a kernel for every new row count, weight shape
+and thread count (about 1 ms each, once; its cache holds 1024). The copy doubles the memory of
+the linear weights, so only models whose linear weights fit `PACKED_MAX_BYTES` get one.
+Packing comes last: the copy does not follow a later `.to()` or an in-place change of the weight.
 """
 
 from __future__ import annotations
