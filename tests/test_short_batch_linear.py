@@ -14,6 +14,8 @@ from toolkit.models import load_model, short_batch_linear
 from toolkit.models.short_batch_linear import (
     PACKED_MAX_ROWS,
     ShortBatchLinear,
+    build_kernels,
+    distinct_packed_layers,
     pack_linear_weights,
     packed_products_pay_off,
 )
@@ -127,3 +129,22 @@ def test_packing_pays_only_with_a_clear_margin(
     monkeypatch.setattr(short_batch_linear, "_time_products", timed)
     assert packed_products_pay_off([ShortBatchLinear.wrap(nn.Linear(8, 8))], rounds=2) is pays
     assert calls == [True, False, True, False, True]  # a first packed run builds the kernels
+
+
+def test_kernels_are_built_once_per_weight_shape_at_the_asked_row_count(
+    packing_pays: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = nn.Sequential(_TwoLayers(), _TwoLayers())
+    assert pack_linear_weights(model)
+    layers = distinct_packed_layers(model)
+    assert sorted((layer.in_features, layer.out_features) for layer in layers) == [(48, 96), (96, 40)]
+    products: list[tuple[int, ...]] = []
+    packed = torch.ops.mkldnn._linear_pointwise
+
+    def recording(x: torch.Tensor, *args: object) -> torch.Tensor:
+        products.append(tuple(x.shape))
+        return packed(x, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", recording)
+    build_kernels(layers, 5)
+    assert sorted(products) == [(5, 48), (5, 96)]

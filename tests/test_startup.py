@@ -11,6 +11,7 @@ import torch
 import toolkit.device_threads
 import toolkit.models
 from toolkit.device_threads import CORES, DeviceThreads
+from toolkit.models import short_batch_linear
 from toolkit.runner import Runner, WorkItem
 from toolkit.server_args import ServerArgs
 from toolkit.startup import load_engine, prepare
@@ -41,6 +42,35 @@ def test_loading_warm_up_and_serving_share_one_thread(monkeypatch) -> None:  # t
     assert warmed_up, "the warm-up ran no forward"
     assert threads["load"] == warmed_up == threads["forward"]
     assert threading.get_ident() not in threads["forward"]
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_short_batch_kernels_are_built_after_start_up_with_the_warm_up(monkeypatch, warmup: bool) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(short_batch_linear, "packed_products_pay_off", lambda layers: True)
+    built: list[tuple[int, str]] = []  # (rows, device thread) of each job
+    all_built = threading.Event()
+
+    def recording_build(layers, rows):  # type: ignore[no-untyped-def]
+        built.append((rows, threading.current_thread().name))
+        if rows == short_batch_linear.PACKED_MAX_ROWS:
+            all_built.set()
+
+    monkeypatch.setattr(short_batch_linear, "build_kernels", recording_build)
+    flags = ["--device", "cpu", "--cpu-workers", "1"] + ([] if warmup else ["--no-warmup"])
+    args = ServerArgs.from_cli(flags, environ={})
+    engine = load_engine(args, prepare(args))
+    try:
+        if warmup:
+            assert all_built.wait(timeout=30)
+        else:  # a builder would be running still, or have recorded its jobs
+            assert not any(thread.name == "kernel-builder" for thread in threading.enumerate())
+    finally:
+        engine.batcher.runner.shutdown()
+    if warmup:
+        assert [rows for rows, _ in built] == list(range(1, short_batch_linear.PACKED_MAX_ROWS + 1))
+        assert {thread.rsplit("_", 1)[0] for _, thread in built} == {"device-0"}
+    else:
+        assert built == []
 
 
 @pytest.mark.skipif(CORES != 2, reason="the default of two CPU workers is for 2 cores")

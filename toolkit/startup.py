@@ -7,6 +7,7 @@ clear error line and a non-zero exit); `load` does the heavy part in the backgro
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,10 +78,40 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
     device = pick_device(args.device)
     device_threads = DeviceThreads(_cpu_workers(args, CORES) if device.type == "cpu" else 1)
     try:
-        return device_threads.submit(_load_on_device_thread, args, prepared, device, device_threads).result()
+        engine, module = device_threads.submit(
+            _load_on_device_thread, args, prepared, device, device_threads
+        ).result()
     except BaseException:
         device_threads.shutdown(wait=False)
         raise
+    if args.warmup:
+        _build_short_batch_kernels(module, device_threads)
+    return engine
+
+
+def _build_short_batch_kernels(module: torch.nn.Module, device_threads: DeviceThreads) -> None:
+    """Where short CPU batches take packed oneDNN products, have oneDNN build their kernels for
+    every short row count in the background, after start-up: built on a request, they cost it
+    4-5 ms (MiniLM; `toolkit.models.short_batch_linear`), and all at once some 0.3 s of start-up.
+    One row count per job, each on an idle device thread (the first when all are idle, at the
+    thread count of a lone batch), so a request meanwhile waits for at most one job."""
+    from toolkit.models.short_batch_linear import PACKED_MAX_ROWS, build_kernels, distinct_packed_layers
+
+    layers = distinct_packed_layers(module)
+    if not layers:
+        return
+
+    def build_all() -> None:
+        started = time.perf_counter()
+        for rows in range(1, PACKED_MAX_ROWS + 1):
+            try:
+                device_threads.submit(build_kernels, layers, rows).result()
+            except Exception as exc:  # shutting down (jobs refused or cancelled), or a oneDNN error
+                logger.debug("short-batch kernels built up to %d rows only: %r", rows - 1, exc)
+                return
+        logger.info("Short-batch kernels built in %.2f s.", time.perf_counter() - started)
+
+    threading.Thread(target=build_all, name="kernel-builder", daemon=True).start()
 
 
 def _cpu_workers(args: ServerArgs, cores: int) -> int:
@@ -95,7 +126,7 @@ def _cpu_workers(args: ServerArgs, cores: int) -> int:
 
 def _load_on_device_thread(
     args: ServerArgs, prepared: PreparedModel, device: torch.device, device_threads: DeviceThreads
-) -> Engine:
+) -> tuple[Engine, torch.nn.Module]:
     from toolkit.batcher import Batcher
     from toolkit.engine import Engine, EngineLimits
     from toolkit.models import load_model
@@ -138,7 +169,7 @@ def _load_on_device_thread(
     batch_tokens = args.max_batch_tokens or (32768 if device.type == "cuda" else 8192)
     batcher = Batcher(runner, batch_tokens, args.max_queued_tokens, args.max_queued_inputs)
     dim = model.hidden_size * len(spec.pooling_modes)
-    return Engine(batcher, prepared.tokenizer, spec, limits, dim)
+    return Engine(batcher, prepared.tokenizer, spec, limits, dim), model.module
 
 
 def _compile_wanted(args: ServerArgs, device: torch.device, model: LoadedModel) -> bool:

@@ -108,3 +108,20 @@ def _time_products(layers: list[ShortBatchLinear], inputs: dict[int, torch.Tenso
         else:
             F.linear(x, layer.weight, layer.bias)
     return time.perf_counter() - started
+
+
+def distinct_packed_layers(module: nn.Module) -> list[ShortBatchLinear]:
+    """One packed layer per weight shape: oneDNN's kernels depend on the shape, not the weight."""
+    layers: dict[tuple[int, int, bool], ShortBatchLinear] = {}
+    for layer in module.modules():
+        if isinstance(layer, ShortBatchLinear):
+            layers.setdefault((layer.in_features, layer.out_features, layer.bias is not None), layer)
+    return list(layers.values())
+
+
+@torch.inference_mode()
+def build_kernels(layers: list[ShortBatchLinear], rows: int) -> None:
+    """Run each layer's packed product once over `rows` rows, so that oneDNN builds its kernels
+    for that row count, at the calling thread's thread count, now rather than on a request."""
+    for layer in layers:
+        layer(torch.zeros(rows, layer.in_features))
