@@ -8,7 +8,8 @@ Loads the bundled model twice: once with every linear layer packed for oneDNN
 server used before and what transformers runs. Then, alternating between the two on this thread:
 the forward of one input per length (median of `--repeats`), and the first forward of inputs of
 lengths never seen before against a second one (oneDNN builds its kernels on first sight of a row
-count). Also prints what the server's load-time measurement decides on this machine.
+count), then the same once the kernels of every short row count are built, as the server does
+after start-up. Also prints what the server's load-time measurement decides on this machine.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.serve import machine_description
 from toolkit.model_source import bundled_model_dir
 from toolkit.models import LoadedModel, load_model, short_batch_linear
-from toolkit.models.short_batch_linear import ShortBatchLinear, packed_products_pay_off
+from toolkit.models.short_batch_linear import (
+    ShortBatchLinear,
+    build_kernels,
+    distinct_packed_layers,
+    packed_products_pay_off,
+)
 from toolkit.packing import pack
 
 
@@ -78,19 +84,31 @@ def main() -> None:
         packed_s, torch_s = (statistics.median(times[name][5:]) for name in models)
         print(f"{length:>7} {packed_s * 1e3:>10.2f} {torch_s * 1e3:>9.2f} {torch_s / packed_s:>8.2f}x")
     lo, hi = (int(x) for x in args.new_lengths.split("-"))
-    first: dict[str, list[float]] = {name: [] for name in models}
-    again: dict[str, list[float]] = {name: [] for name in models}
-    for length in (n for n in range(lo, hi + 1) if n not in lengths):
+    new_lengths = [n for n in range(lo, hi + 1) if n not in lengths]
+    print(f"lengths {lo}-{hi} but the above, each new: median ms of first sight / again (first's cost)")
+    for name, model in models.items():
+        report_first_sight(name, model, new_lengths[::2], rng)
+    # What the server does after start-up (toolkit.startup): build the kernels of every short
+    # row count in advance. Measured on the other half of the lengths, still unseen.
+    build_started = time.perf_counter()
+    for rows in range(1, short_batch_linear.PACKED_MAX_ROWS + 1):
+        build_kernels(distinct_packed_layers(models["packed"].module), rows)
+    build_s = time.perf_counter() - build_started
+    label = f"packed, kernels built first ({build_s:.2f} s)"
+    report_first_sight(label, models["packed"], new_lengths[1::2], rng)
+
+
+def report_first_sight(label: str, model: LoadedModel, lengths: list[int], rng: random.Random) -> None:
+    first, again = [], []
+    for length in lengths:
         ids = token_ids(length, rng)
-        for name, model in models.items():
-            first[name].append(forward_seconds(model, ids))
-            again[name].append(forward_seconds(model, ids))
-    print(f"lengths {lo}-{hi} but the above, each new, median ms (first sight / again):")
-    for name in models:
-        print(
-            f"  {name:>6}: {statistics.median(first[name]) * 1e3:.2f} / "
-            f"{statistics.median(again[name]) * 1e3:.2f}"
-        )
+        first.append(forward_seconds(model, ids))
+        again.append(forward_seconds(model, ids))
+    cost = statistics.median(f - a for f, a in zip(first, again, strict=True))
+    print(
+        f"  {label}: {statistics.median(first) * 1e3:.2f} / {statistics.median(again) * 1e3:.2f} "
+        f"({cost * 1e3:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -44,6 +44,26 @@ def test_loading_warm_up_and_serving_share_one_thread(monkeypatch) -> None:  # t
     assert threading.get_ident() not in threads["forward"]
 
 
+def test_device_threads_are_idle_with_nothing_queued_or_running_and_once_shut_down() -> None:
+    threads = DeviceThreads(2)
+    assert threads.idle
+    release = threading.Event()
+    running = threads.submit(release.wait, 10)
+    queued = [threads.submit(release.wait, 10) for _ in range(2)]  # one waits behind another
+    assert not threads.idle
+    release.set()
+    for future in [running, *queued]:
+        future.result(timeout=10)
+    assert threads.idle
+    release.clear()
+    threads.submit(release.wait, 10)
+    threads.submit(release.wait, 10)
+    threads.submit(release.wait, 10)  # dropped by the shutdown below, never counted down
+    threads.shutdown(wait=False, cancel_futures=True)
+    assert threads.idle
+    release.set()
+
+
 @pytest.mark.parametrize("warmup", [True, False])
 def test_short_batch_kernels_are_built_after_start_up_with_the_warm_up(monkeypatch, warmup: bool) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(short_batch_linear, "packed_products_pay_off", lambda layers: True)

@@ -58,12 +58,20 @@ class DeviceThreads:
         self._running = [0] * workers  # submitted, not yet finished, per thread
         self._lock = threading.Lock()
         self._current = threading.local()  # index: which thread this is; released: counted free
+        self._closed = False
 
     @property
     def boosts_lone_batches(self) -> bool:
         """Whether the first thread runs a batch that is alone on every core (one core per
         worker only); elsewhere the batcher splits work among idle threads instead."""
         return self._lone > self._share
+
+    @property
+    def idle(self) -> bool:
+        """Whether no call is queued or running on any thread (always, once shut down: calls
+        dropped from the queues are never counted down)."""
+        with self._lock:
+            return self._closed or not any(self._running)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run `fn(*args)` on an idle thread, the first one first; else on the least loaded."""
@@ -96,6 +104,7 @@ class DeviceThreads:
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         # Every queue is closed (and, if asked, emptied) before waiting for any running batch.
+        self._closed = True
         for thread in self._threads:
             thread.shutdown(wait=False, cancel_futures=cancel_futures)
         if wait:

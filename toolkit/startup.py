@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+KERNEL_BUILD_DELAY_S = 1.0  # see `_build_short_batch_kernels`
+KERNEL_BUILD_IDLE_POLL_S = 0.01
+
 
 @dataclass(frozen=True)
 class PreparedModel:
@@ -91,10 +94,11 @@ def load_engine(args: ServerArgs, prepared: PreparedModel) -> Engine:
 
 def _build_short_batch_kernels(module: torch.nn.Module, device_threads: DeviceThreads) -> None:
     """Where short CPU batches take packed oneDNN products, have oneDNN build their kernels for
-    every short row count in the background, after start-up: built on a request, they cost it
-    4-5 ms (MiniLM; `toolkit.models.short_batch_linear`), and all at once some 0.3 s of start-up.
-    One row count per job, each on an idle device thread (the first when all are idle, at the
-    thread count of a lone batch), so a request meanwhile waits for at most one job."""
+    every short row count in the background: built on a request, they cost it 4-5 ms (MiniLM;
+    `toolkit.models.short_batch_linear`), and all at start-up some 0.3-0.5 s. Building starts
+    `KERNEL_BUILD_DELAY_S` after start-up (run at once, it took both cores from the first requests,
+    and launch-to-first-embedding grew by 0.1-0.2 s), and goes one row count per job, only while
+    every device thread is idle: on the first thread, at the thread count of a lone batch."""
     from toolkit.models.short_batch_linear import PACKED_MAX_ROWS, build_kernels, distinct_packed_layers
 
     layers = distinct_packed_layers(module)
@@ -102,8 +106,11 @@ def _build_short_batch_kernels(module: torch.nn.Module, device_threads: DeviceTh
         return
 
     def build_all() -> None:
+        time.sleep(KERNEL_BUILD_DELAY_S)
         started = time.perf_counter()
         for rows in range(1, PACKED_MAX_ROWS + 1):
+            while not device_threads.idle:
+                time.sleep(KERNEL_BUILD_IDLE_POLL_S)
             try:
                 device_threads.submit(build_kernels, layers, rows).result()
             except Exception as exc:  # shutting down (jobs refused or cancelled), or a oneDNN error
