@@ -19,7 +19,7 @@ class FakeRunner:
 
     alive = True
     parallel_batches = 1
-    splits_idle_work = False
+    split_idle_work_from: int | None = None
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
@@ -59,17 +59,19 @@ def test_batches_respect_the_token_budget_and_results_map_back() -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("splits", [True, False])
-def test_idle_workers_share_a_request_only_where_the_runner_splits_idle_work(splits: bool) -> None:
+@pytest.mark.parametrize(("split_from", "splits"), [(0, True), (40, True), (41, False), (None, False)])
+def test_idle_workers_share_a_request_from_the_runners_split_size(
+    split_from: int | None, splits: bool
+) -> None:
     async def scenario() -> None:
         runner = FakeRunner()
-        runner.parallel_batches, runner.splits_idle_work = 2, splits  # two CPU workers
+        runner.parallel_batches, runner.split_idle_work_from = 2, split_from  # two CPU workers
         batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
         batcher.start()
         rows = await batcher.submit(items(8, 12, 10, 10))
         assert [int(row[0]) for row in rows] == [8, 12, 10, 10]
-        # Both workers idle: 20 tokens each, or all 40 on one where the first runs a lone batch
-        # on every core (2-core machines, see DeviceThreads).
+        # Both workers idle: 20 tokens each, or all 40 on one where the runner splits no work
+        # this small (its first thread runs a lone batch on every core, see toolkit.runner).
         assert sorted(runner.batches) == ([[8, 12], [10, 10]] if splits else [[8, 12, 10, 10]])
         runner.batches.clear()
         runner.gate.clear()
@@ -100,7 +102,7 @@ def test_workers_that_finish_together_are_both_idle_for_the_next_batch() -> None
 
     async def scenario() -> None:
         runner = HeldRunner()
-        runner.parallel_batches, runner.splits_idle_work = 2, True
+        runner.parallel_batches, runner.split_idle_work_from = 2, 0
         batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
         batcher.start()
         first = batcher.submit(items(1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import toolkit.device_threads
 import toolkit.models
 from toolkit.device_threads import CORES, DeviceThreads
 from toolkit.models import short_batch_linear
-from toolkit.runner import Runner, WorkItem
+from toolkit.runner import SPLIT_LONE_WORK_TOKENS, Runner, WorkItem
 from toolkit.server_args import ServerArgs
 from toolkit.startup import load_engine, prepare
 
@@ -123,19 +124,50 @@ def test_two_cpu_workers_run_batches_side_by_side_and_a_lone_batch_on_both_cores
     assert all(row.shape == (384,) for row in rows)
 
 
+@pytest.mark.skipif(CORES != 2, reason="the default of two CPU workers is for 2 cores")
+def test_one_large_request_is_split_over_both_cores_and_a_small_one_runs_on_both(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    embed = Runner.embed
+    seen: list[tuple[str, int, int]] = []  # (device thread, torch threads, tokens) of each forward
+
+    def recording_embed(self, batch):  # type: ignore[no-untyped-def]
+        name = threading.current_thread().name.rsplit("_", 1)[0]
+        seen.append((name, torch.get_num_threads(), batch.num_tokens))
+        return embed(self, batch)
+
+    args = ServerArgs.from_cli(["--device", "cpu", "--no-warmup"], environ={})
+    engine = load_engine(args, prepare(args))
+    monkeypatch.setattr(Runner, "embed", recording_embed)
+    length = SPLIT_LONE_WORK_TOKENS // 4 + 1
+
+    async def scenario() -> None:
+        engine.batcher.start()
+        try:
+            large = [WorkItem([101] + [2000 + i] * (length - 2) + [102]) for i in range(4)]
+            assert len(await engine.batcher.submit(large)) == 4
+            small = [WorkItem([101, 2000 + i, 102]) for i in range(2)]
+            assert len(await engine.batcher.submit(small)) == 2
+        finally:
+            await engine.batcher.close()
+
+    asyncio.run(scenario())
+    # The large request's halves ran side by side, one core each; the small one whole on both.
+    assert sorted(seen[:2]) == [("device-0", 1, 2 * length), ("device-1", 1, 2 * length)]
+    assert seen[2:] == [("device-0", 2, 6)]
+
+
 @pytest.mark.parametrize(
-    ("cores", "workers", "boosts", "splits"),
-    [(2, 2, True, False), (16, 4, False, True), (16, 1, False, False)],
+    ("cores", "workers", "boosts", "split_from"),
+    [(2, 2, True, SPLIT_LONE_WORK_TOKENS), (16, 4, False, 0), (16, 1, False, None)],
 )
-def test_workers_of_several_cores_split_idle_work_where_no_lone_batch_gets_every_core(
-    monkeypatch, cores: int, workers: int, boosts: bool, splits: bool
+def test_idle_work_is_split_always_on_workers_of_several_cores_and_from_a_size_on_single_cores(
+    monkeypatch, cores: int, workers: int, boosts: bool, split_from: int | None
 ) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(toolkit.device_threads, "CORES", cores)
     threads = DeviceThreads(workers)
     model = SimpleNamespace(row_pooling_modes=())  # all the runner reads of a model when built
     runner = Runner(model, torch.device("cpu"), ("mean",), True, threads)  # type: ignore[arg-type]
     try:
-        assert (threads.boosts_lone_batches, runner.splits_idle_work) == (boosts, splits)
+        assert (threads.boosts_lone_batches, runner.split_idle_work_from) == (boosts, split_from)
     finally:
         runner.shutdown()
 

@@ -4,11 +4,12 @@ Every input is its own entry, so inputs of concurrent requests share batches; a 
 future, resolved when its last input is back. A batch is filled in arrival order up to
 `max_batch_tokens` (an input longer than the budget runs alone); entries whose request is gone
 are skipped. Two batches may be in flight: while the device runs one, the next is already packed
-and waiting. A CPU with several device threads runs as many batches side by side; where each
-thread has several cores, a batch takes only an equal share of the queued tokens while several
-threads are idle, so one request's inputs run on every worker instead of one (16-core Xeon,
-bundled MiniLM's shape, one client: see `toolkit.device_threads`). A batch's failure fails the
-requests of its inputs and the loop goes on.
+and waiting. A CPU with several device threads runs as many batches side by side. While several
+threads are idle, a batch takes only an equal share of the queued tokens, so one request's
+inputs run on every worker instead of one (16-core Xeon, bundled MiniLM's shape, one client:
+see `toolkit.device_threads`); where each thread has one core, only once the queue holds
+`toolkit.runner.SPLIT_LONE_WORK_TOKENS`, since smaller lone work runs faster on every core. A
+batch's failure fails the requests of its inputs and the loop goes on.
 """
 
 from __future__ import annotations
@@ -174,6 +175,9 @@ class Batcher:
                 self._slots.release()
                 self._wakeup.clear()
                 continue
+            # The loop takes every batch it can before it yields, and their tasks then submit
+            # them in one pass of the event loop: a device thread that starts a share of split
+            # work sees the other shares queued, and so does not take every core for its own.
             task = asyncio.create_task(self._run(batch))
             self._running += 1
             self._in_flight.add(task)
@@ -208,10 +212,12 @@ class Batcher:
         return batch
 
     def _idle_share(self) -> int:
-        """The tokens the next batch should hold: `max_batch_tokens`, or, where the runner splits
-        idle work and several device threads are idle, an equal share of the queue for each."""
+        """The tokens the next batch should hold: `max_batch_tokens`, or, where several device
+        threads are idle and the queue holds enough tokens for the runner to split it, an equal
+        share of the queue for each."""
         idle = self.runner.parallel_batches - self._running
-        if idle <= 1 or not self.runner.splits_idle_work:
+        split_from = self.runner.split_idle_work_from
+        if idle <= 1 or split_from is None or self._queued_tokens < split_from:
             return self.max_batch_tokens
         return min(self.max_batch_tokens, -(-self._queued_tokens // idle))
 
