@@ -11,7 +11,7 @@ import pytest
 
 from toolkit.batcher import Batcher
 from toolkit.errors import OverloadedError
-from toolkit.runner import WorkItem
+from toolkit.runner import WorkItem, WorkSplit
 
 
 class FakeRunner:
@@ -19,7 +19,7 @@ class FakeRunner:
 
     alive = True
     parallel_batches = 1
-    split_idle_work_from: int | None = None
+    work_split: WorkSplit | None = None
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
@@ -59,28 +59,39 @@ def test_batches_respect_the_token_budget_and_results_map_back() -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize(("split_from", "splits"), [(0, True), (40, True), (41, False), (None, False)])
-def test_idle_workers_share_a_request_from_the_runners_split_size(
-    split_from: int | None, splits: bool
+WHOLE, HALVES = [[8, 12, 10, 10]], [[8, 12], [10, 10]]
+ALL_40, TWO_20 = [[3], [5] * 8], [[3], [5] * 4, [5] * 4]
+
+
+@pytest.mark.parametrize(
+    ("split", "idle_both", "one_busy"),
+    [
+        (None, WHOLE, ALL_40),  # one device thread
+        (WorkSplit(0, among_all=False), HALVES, ALL_40),  # the idle one takes it all
+        (WorkSplit(21, among_all=True), HALVES, TWO_20),  # half left for the busy one
+        (WorkSplit(41, among_all=True), WHOLE, ALL_40),  # too few tokens to share
+    ],
+)
+def test_two_workers_share_the_queue_as_the_runner_says(
+    split: WorkSplit | None, idle_both: list[list[int]], one_busy: list[list[int]]
 ) -> None:
     async def scenario() -> None:
         runner = FakeRunner()
-        runner.parallel_batches, runner.split_idle_work_from = 2, split_from  # two CPU workers
+        runner.parallel_batches, runner.work_split = 2, split  # two CPU workers
         batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
         batcher.start()
         rows = await batcher.submit(items(8, 12, 10, 10))
         assert [int(row[0]) for row in rows] == [8, 12, 10, 10]
-        # Both workers idle: 20 tokens each, or all 40 on one where the runner splits no work
-        # this small (its first thread runs a lone batch on every core, see toolkit.runner).
-        assert sorted(runner.batches) == ([[8, 12], [10, 10]] if splits else [[8, 12, 10, 10]])
+        assert sorted(runner.batches) == idle_both
         runner.batches.clear()
         runner.gate.clear()
         busy = batcher.submit(items(3))  # holds one worker
         await asyncio.sleep(0.05)
-        rest = batcher.submit(items(5, 5, 5, 5))
+        rest = batcher.submit(items(*[5] * 8))
+        await asyncio.sleep(0.05)
         runner.gate.set()
         await asyncio.gather(busy, rest)
-        assert sorted(runner.batches) == [[3], [5, 5, 5, 5]]  # one idle worker takes it all
+        assert sorted(runner.batches) == one_busy
         await batcher.stop()
 
     asyncio.run(scenario())
@@ -102,7 +113,7 @@ def test_workers_that_finish_together_are_both_idle_for_the_next_batch() -> None
 
     async def scenario() -> None:
         runner = HeldRunner()
-        runner.parallel_batches, runner.split_idle_work_from = 2, 0
+        runner.parallel_batches, runner.work_split = 2, WorkSplit(0, among_all=False)
         batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
         batcher.start()
         first = batcher.submit(items(1))

@@ -83,6 +83,7 @@ class GatedRunner:
 
     alive = True
     parallel_batches = 1
+    work_split = None
 
     def __init__(self) -> None:
         self.gate = threading.Event()

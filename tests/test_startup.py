@@ -13,7 +13,7 @@ import toolkit.device_threads
 import toolkit.models
 from toolkit.device_threads import CORES, DeviceThreads
 from toolkit.models import short_batch_linear
-from toolkit.runner import SPLIT_LONE_WORK_TOKENS, Runner, WorkItem
+from toolkit.runner import SPLIT_LONE_WORK_TOKENS, Runner, WorkItem, WorkSplit
 from toolkit.server_args import ServerArgs
 from toolkit.startup import load_engine, prepare
 
@@ -156,18 +156,22 @@ def test_one_large_request_is_split_over_both_cores_and_a_small_one_runs_on_both
 
 
 @pytest.mark.parametrize(
-    ("cores", "workers", "boosts", "split_from"),
-    [(2, 2, True, SPLIT_LONE_WORK_TOKENS), (16, 4, False, 0), (16, 1, False, None)],
+    ("cores", "workers", "boosts", "split"),
+    [
+        (2, 2, True, WorkSplit(SPLIT_LONE_WORK_TOKENS, among_all=True)),
+        (16, 4, False, WorkSplit(0, among_all=False)),
+        (16, 1, False, None),
+    ],
 )
-def test_idle_work_is_split_always_on_workers_of_several_cores_and_from_a_size_on_single_cores(
-    monkeypatch, cores: int, workers: int, boosts: bool, split_from: int | None
+def test_workers_of_several_cores_share_all_idle_work_and_single_cores_a_large_queue(
+    monkeypatch, cores: int, workers: int, boosts: bool, split: WorkSplit | None
 ) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(toolkit.device_threads, "CORES", cores)
     threads = DeviceThreads(workers)
     model = SimpleNamespace(row_pooling_modes=())  # all the runner reads of a model when built
     runner = Runner(model, torch.device("cpu"), ("mean",), True, threads)  # type: ignore[arg-type]
     try:
-        assert (threads.boosts_lone_batches, runner.split_idle_work_from) == (boosts, split_from)
+        assert (threads.boosts_lone_batches, runner.work_split) == (boosts, split)
     finally:
         runner.shutdown()
 

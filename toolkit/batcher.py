@@ -4,12 +4,13 @@ Every input is its own entry, so inputs of concurrent requests share batches; a 
 future, resolved when its last input is back. A batch is filled in arrival order up to
 `max_batch_tokens` (an input longer than the budget runs alone); entries whose request is gone
 are skipped. Two batches may be in flight: while the device runs one, the next is already packed
-and waiting. A CPU with several device threads runs as many batches side by side. While several
-threads are idle, a batch takes only an equal share of the queued tokens, so one request's
-inputs run on every worker instead of one (16-core Xeon, bundled MiniLM's shape, one client:
-see `toolkit.device_threads`); where each thread has one core, only once the queue holds
-`toolkit.runner.SPLIT_LONE_WORK_TOKENS`, since smaller lone work runs faster on every core. A
-batch's failure fails the requests of its inputs and the loop goes on.
+and waiting. A CPU with several device threads runs as many batches side by side, and a batch
+takes only a share of the queued tokens, so one request's inputs run on every worker instead of
+one: with several cores per thread, an equal share for each idle thread (16-core Xeon, bundled
+MiniLM's shape, one client: see `toolkit.device_threads`); with one core each, an equal share
+for every thread once the queue holds `toolkit.runner.SPLIT_LONE_WORK_TOKENS`, since smaller
+lone work runs faster on every core (`Runner.work_split`). A batch's failure fails the requests
+of its inputs and the loop goes on.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ class Batcher:
     def _take_batch(self) -> list[Entry]:
         batch: list[Entry] = []
         tokens = 0
-        share = self._idle_share()
+        share = self._share()
         while self._queue:
             entry = self._queue[0]
             if entry.submission.future.done():  # the client went away: never reaches the device
@@ -211,15 +212,19 @@ class Batcher:
             )
         return batch
 
-    def _idle_share(self) -> int:
-        """The tokens the next batch should hold: `max_batch_tokens`, or, where several device
-        threads are idle and the queue holds enough tokens for the runner to split it, an equal
-        share of the queue for each."""
-        idle = self.runner.parallel_batches - self._running
-        split_from = self.runner.split_idle_work_from
-        if idle <= 1 or split_from is None or self._queued_tokens < split_from:
+    def _share(self) -> int:
+        """The tokens the next batch should hold: `max_batch_tokens`, or, where the runner
+        shares work among several device threads (`Runner.work_split`) and the queue is large
+        enough, an equal share of the queue for each of them."""
+        split = self.runner.work_split
+        if split is None or self._queued_tokens < split.min_tokens:
             return self.max_batch_tokens
-        return min(self.max_batch_tokens, -(-self._queued_tokens // idle))
+        sharing = self.runner.parallel_batches
+        if not split.among_all:
+            sharing -= self._running
+        if sharing <= 1:
+            return self.max_batch_tokens
+        return min(self.max_batch_tokens, -(-self._queued_tokens // sharing))
 
     async def _run(self, batch: list[Entry]) -> None:
         results: list[ItemResult]

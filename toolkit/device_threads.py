@@ -8,9 +8,9 @@ side by side embedded 1.3x the tokens per second of one forward on both (MiniLM,
 and the server at 32 clients 1.08–1.23x (`benchmarks/serve.py`, alternating runs). A lone short
 batch still gets every core: with a share of one thread each, the first thread runs a batch on
 all of them when no other batch is running (a few tokens' forward is bound by reading the
-weights, which both cores then share). Larger work that finds every worker idle is split among
-them instead (`toolkit.batcher`, from `toolkit.runner.SPLIT_LONE_WORK_TOKENS`), and with several
-cores per worker all idle work is.
+weights, which both cores then share). Larger work is shared among the workers instead
+(`toolkit.batcher`, from `toolkit.runner.SPLIT_LONE_WORK_TOKENS` queued tokens), and with
+several cores per worker all work is.
 On a 16-core Xeon (MiniLM's shape, alternating runs), 4 workers of 4 threads served 1.24–1.33x
 the tokens of one worker at 8 and 32 clients and 0.96–1.11x at one; on 8 of its cores, 2 workers
 1.01–1.49x and 1.15–1.27x, and 0.91–1.02x at one client. But an input that cannot be split

@@ -31,14 +31,23 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Where each CPU worker has one core, work of at least this many tokens that finds the workers
-# idle is split among them rather than run on every core by the first. One forward on 2 cores
-# waits at every parallel region's barrier; two single-core halves side by side do not. On the
-# 2-core EPYC (MiniLM, in-process through DeviceThreads) halves of 686-2528 tokens took
-# 1.05-1.20x less time than the whole batch on both cores; at 256 tokens 0.98-1.17x, and at
-# 16-128 tokens the whole batch was faster (those are bound by reading the weights, which both
-# cores then share). Over HTTP, one client sending 8 texts at a time got 1.2-1.5x the tokens/s.
+# Where each CPU worker has one core, a queue of at least this many tokens is split among them
+# rather than run on every core by the first thread. One forward on 2 cores waits at every
+# parallel region's barrier; two single-core halves side by side do not. On the 2-core EPYC
+# (MiniLM, in-process through DeviceThreads) halves of 686-2528 tokens took 1.05-1.20x less
+# time than the whole batch on both cores; at 256 tokens 0.98-1.17x, and at 16-128 tokens the
+# whole batch was faster (those are bound by reading the weights, which both cores then share).
 SPLIT_LONE_WORK_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class WorkSplit:
+    """How the batcher shares queued work among CPU device threads (see `toolkit.batcher`)."""
+
+    min_tokens: int  # queued tokens from which a batch takes only a share of the queue
+    # Shares for every thread, busy ones too: a thread that frees up while another is busy
+    # leaves that one its share instead of taking the whole queue. Else for the idle ones.
+    among_all: bool
 
 
 def pick_device(requested: str) -> torch.device:
@@ -165,15 +174,21 @@ class Runner:
         return self._device_threads.workers
 
     @property
-    def split_idle_work_from(self) -> int | None:
-        """The queued tokens from which a batch takes only its equal share of the queue while
-        several device threads are idle (see `toolkit.batcher`); None: never (one thread). CPU
-        workers of several cores each always split; workers of one core each, whose first thread
-        runs a lone batch on every core, from `SPLIT_LONE_WORK_TOKENS`."""
+    def work_split(self) -> WorkSplit | None:
+        """How the batcher shares queued work among the device threads; None for one thread.
+        Workers of several cores each share all work among the idle ones. Workers of one core
+        each, whose first thread runs a lone batch on every core, share a queue of at least
+        `SPLIT_LONE_WORK_TOKENS` among all: with only idle ones sharing, the first thread to free
+        up took the whole queue, and the other went on serving one client alone while the rest
+        waited on that batch (one client sending 8 texts at a time: 1.15-1.2x the tokens/s of
+        sharing nothing, and no change at 8 and 32 clients; sharing among the idle ones lost
+        2-5 % there)."""
         threads = self._device_threads
         if threads.workers == 1:
             return None
-        return SPLIT_LONE_WORK_TOKENS if threads.boosts_lone_batches else 0
+        if threads.boosts_lone_batches:
+            return WorkSplit(SPLIT_LONE_WORK_TOKENS, among_all=True)
+        return WorkSplit(0, among_all=False)
 
     def submit(self, items: Sequence[WorkItem]) -> Future[list[ItemResult]]:
         """Queue a batch; the future holds one result (a row or an error) per item."""
