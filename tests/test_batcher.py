@@ -23,11 +23,13 @@ class FakeRunner:
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
+        self.boosts: dict[tuple[int, ...], bool] = {}  # batch -> whether it may take every core
         self.gate = threading.Event()
         self.gate.set()
 
-    def submit(self, items):  # type: ignore[no-untyped-def]
+    def submit(self, items, boost=True):  # type: ignore[no-untyped-def]
         future: Future = Future()
+        self.boosts[tuple(len(item.token_ids) for item in items)] = boost
 
         def work() -> None:
             self.gate.wait(10)
@@ -67,9 +69,9 @@ ALL_40, TWO_20 = [[3], [5] * 8], [[3], [5] * 4, [5] * 4]
     ("split", "idle_both", "one_busy"),
     [
         (None, WHOLE, ALL_40),  # one device thread
-        (WorkSplit(0, among_all=False), HALVES, ALL_40),  # the idle one takes it all
-        (WorkSplit(21, among_all=True), HALVES, TWO_20),  # half left for the busy one
-        (WorkSplit(41, among_all=True), WHOLE, ALL_40),  # too few tokens to share
+        (WorkSplit(0, include_busy=False), HALVES, ALL_40),  # the idle one takes it all
+        (WorkSplit(21, include_busy=True), HALVES, TWO_20),  # half left for whoever frees up
+        (WorkSplit(41, include_busy=True), WHOLE, ALL_40),  # too few tokens to share
     ],
 )
 def test_two_workers_share_the_queue_as_the_runner_says(
@@ -83,6 +85,8 @@ def test_two_workers_share_the_queue_as_the_runner_says(
         rows = await batcher.submit(items(8, 12, 10, 10))
         assert [int(row[0]) for row in rows] == [8, 12, 10, 10]
         assert sorted(runner.batches) == idle_both
+        # A batch cut to a share never runs on every core; the whole queue may.
+        assert runner.boosts.get((8, 12, 10, 10), True) and not runner.boosts.get((8, 12), False)
         runner.batches.clear()
         runner.gate.clear()
         busy = batcher.submit(items(3))  # holds one worker
@@ -97,6 +101,23 @@ def test_two_workers_share_the_queue_as_the_runner_says(
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("lengths", [(10, 60), (60, 10), (5, 5, 5, 5, 60)])
+def test_an_input_longer_than_a_share_keeps_the_queue_whole_on_single_core_workers(
+    lengths: tuple[int, ...],
+) -> None:
+    async def scenario() -> None:
+        runner = FakeRunner()
+        runner.parallel_batches, runner.work_split = 2, WorkSplit(0, include_busy=True)
+        batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
+        batcher.start()
+        await batcher.submit(items(*lengths))
+        # Shared, the 60-token input would run alone on one core: all of it runs on every core.
+        assert runner.batches == [list(lengths)] and runner.boosts == {lengths: True}
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def test_workers_that_finish_together_are_both_idle_for_the_next_batch() -> None:
     class HeldRunner(FakeRunner):
         """Each batch's future waits for the test to answer it, on the event loop's thread."""
@@ -105,7 +126,7 @@ def test_workers_that_finish_together_are_both_idle_for_the_next_batch() -> None
             super().__init__()
             self.held: list[tuple[Future, list[WorkItem]]] = []
 
-        def submit(self, items):  # type: ignore[no-untyped-def]
+        def submit(self, items, boost=True):  # type: ignore[no-untyped-def]
             future: Future = Future()
             self.held.append((future, list(items)))
             self.batches.append([len(item.token_ids) for item in items])
@@ -113,7 +134,7 @@ def test_workers_that_finish_together_are_both_idle_for_the_next_batch() -> None
 
     async def scenario() -> None:
         runner = HeldRunner()
-        runner.parallel_batches, runner.work_split = 2, WorkSplit(0, among_all=False)
+        runner.parallel_batches, runner.work_split = 2, WorkSplit(0, include_busy=False)
         batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
         batcher.start()
         first = batcher.submit(items(1))

@@ -90,7 +90,7 @@ class GatedRunner:
         self.gate.set()
         self.shut_down = False
 
-    def submit(self, items):  # type: ignore[no-untyped-def]
+    def submit(self, items, boost=True):  # type: ignore[no-untyped-def]
         future: Future = Future()
 
         def work() -> None:

@@ -13,7 +13,7 @@ import toolkit.device_threads
 import toolkit.models
 from toolkit.device_threads import CORES, DeviceThreads
 from toolkit.models import short_batch_linear
-from toolkit.runner import SPLIT_LONE_WORK_TOKENS, Runner, WorkItem, WorkSplit
+from toolkit.runner import MIN_SHARED_BATCH_TOKENS, Runner, WorkItem, WorkSplit
 from toolkit.server_args import ServerArgs
 from toolkit.startup import load_engine, prepare
 
@@ -137,7 +137,7 @@ def test_one_large_request_is_split_over_both_cores_and_a_small_one_runs_on_both
     args = ServerArgs.from_cli(["--device", "cpu", "--no-warmup"], environ={})
     engine = load_engine(args, prepare(args))
     monkeypatch.setattr(Runner, "embed", recording_embed)
-    length = SPLIT_LONE_WORK_TOKENS // 4 + 1
+    length = MIN_SHARED_BATCH_TOKENS // 2 + 1  # four of them: just over a share for each worker
 
     async def scenario() -> None:
         engine.batcher.start()
@@ -158,8 +158,9 @@ def test_one_large_request_is_split_over_both_cores_and_a_small_one_runs_on_both
 @pytest.mark.parametrize(
     ("cores", "workers", "boosts", "split"),
     [
-        (2, 2, True, WorkSplit(SPLIT_LONE_WORK_TOKENS, among_all=True)),
-        (16, 4, False, WorkSplit(0, among_all=False)),
+        (2, 2, True, WorkSplit(2 * MIN_SHARED_BATCH_TOKENS, include_busy=True)),
+        (4, 4, True, WorkSplit(4 * MIN_SHARED_BATCH_TOKENS, include_busy=True)),
+        (16, 4, False, WorkSplit(0, include_busy=False)),
         (16, 1, False, None),
     ],
 )

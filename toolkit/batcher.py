@@ -7,10 +7,9 @@ are skipped. Two batches may be in flight: while the device runs one, the next i
 and waiting. A CPU with several device threads runs as many batches side by side, and a batch
 takes only a share of the queued tokens, so one request's inputs run on every worker instead of
 one: with several cores per thread, an equal share for each idle thread (16-core Xeon, bundled
-MiniLM's shape, one client: see `toolkit.device_threads`); with one core each, an equal share
-for every thread once the queue holds `toolkit.runner.SPLIT_LONE_WORK_TOKENS`, since smaller
-lone work runs faster on every core (`Runner.work_split`). A batch's failure fails the requests
-of its inputs and the loop goes on.
+MiniLM's shape, one client: see `toolkit.device_threads`); with one core each, a share for every
+thread, busy ones too, once the queue is large enough (`toolkit.runner.Runner.work_split`). A
+batch's failure fails the requests of its inputs and the loop goes on.
 """
 
 from __future__ import annotations
@@ -171,23 +170,22 @@ class Batcher:
         while True:
             await self._wakeup.wait()
             await self._slots.acquire()
-            batch = self._take_batch()
+            share = self._share_tokens()
+            batch = self._take_batch(share)
             if not batch:
                 self._slots.release()
                 self._wakeup.clear()
                 continue
-            # The loop takes every batch it can before it yields, and their tasks then submit
-            # them in one pass of the event loop: a device thread that starts a share of split
-            # work sees the other shares queued, and so does not take every core for its own.
-            task = asyncio.create_task(self._run(batch))
+            # A share of split work never runs on every core, even if it starts before the
+            # other shares are submitted.
+            task = asyncio.create_task(self._run(batch, boost=share >= self.max_batch_tokens))
             self._running += 1
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
-    def _take_batch(self) -> list[Entry]:
+    def _take_batch(self, share: int) -> list[Entry]:
         batch: list[Entry] = []
         tokens = 0
-        share = self._share()
         while self._queue:
             entry = self._queue[0]
             if entry.submission.future.done():  # the client went away: never reaches the device
@@ -212,26 +210,33 @@ class Batcher:
             )
         return batch
 
-    def _share(self) -> int:
+    def _share_tokens(self) -> int:
         """The tokens the next batch should hold: `max_batch_tokens`, or, where the runner
         shares work among several device threads (`Runner.work_split`) and the queue is large
-        enough, an equal share of the queue for each of them."""
+        enough, an equal share of the queue per thread."""
         split = self.runner.work_split
         if split is None or self._queued_tokens < split.min_tokens:
             return self.max_batch_tokens
         sharing = self.runner.parallel_batches
-        if not split.among_all:
+        if not split.include_busy:
             sharing -= self._running
         if sharing <= 1:
             return self.max_batch_tokens
-        return min(self.max_batch_tokens, -(-self._queued_tokens // sharing))
+        share = -(-self._queued_tokens // sharing)
+        if share >= self.max_batch_tokens:
+            return self.max_batch_tokens
+        # With one core per thread, an input longer than a share would run alone on one core,
+        # where the whole queue on every core is faster.
+        if split.include_busy and any(e.waiting and e.num_tokens > share for e in self._queue):
+            return self.max_batch_tokens
+        return share
 
-    async def _run(self, batch: list[Entry]) -> None:
+    async def _run(self, batch: list[Entry], boost: bool) -> None:
         results: list[ItemResult]
         started = time.perf_counter()
         _stamp_batched(batch, started)
         try:
-            results = await asyncio.wrap_future(self.runner.submit([e.item for e in batch]))
+            results = await asyncio.wrap_future(self.runner.submit([e.item for e in batch], boost=boost))
         except asyncio.CancelledError:
             results = [ServiceUnavailableError("the server is shutting down")] * len(batch)
             raise

@@ -8,9 +8,8 @@ side by side embedded 1.3x the tokens per second of one forward on both (MiniLM,
 and the server at 32 clients 1.08–1.23x (`benchmarks/serve.py`, alternating runs). A lone short
 batch still gets every core: with a share of one thread each, the first thread runs a batch on
 all of them when no other batch is running (a few tokens' forward is bound by reading the
-weights, which both cores then share). Larger work is shared among the workers instead
-(`toolkit.batcher`, from `toolkit.runner.SPLIT_LONE_WORK_TOKENS` queued tokens), and with
-several cores per worker all work is.
+weights, which both cores then share). Larger work is shared among the workers instead, and
+with several cores per worker all work is (`toolkit.runner.Runner.work_split`).
 On a 16-core Xeon (MiniLM's shape, alternating runs), 4 workers of 4 threads served 1.24–1.33x
 the tokens of one worker at 8 and 32 clients and 0.96–1.11x at one; on 8 of its cores, 2 workers
 1.01–1.49x and 1.15–1.27x, and 0.91–1.02x at one client. But an input that cannot be split
@@ -65,7 +64,7 @@ class DeviceThreads:
     @property
     def boosts_lone_batches(self) -> bool:
         """Whether the first thread runs a batch that is alone on every core (one core per
-        worker only); elsewhere the batcher splits work among idle threads instead."""
+        worker only). Larger work is shared among the threads instead (`toolkit.batcher`)."""
         return self._lone > self._share
 
     @property
@@ -75,12 +74,14 @@ class DeviceThreads:
         with self._lock:
             return self._closed or not any(self._running)
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Run `fn(*args)` on an idle thread, the first one first; else on the least loaded."""
+    def submit(self, fn: Callable[..., T], *args: Any, boost: bool = True) -> Future[T]:
+        """Run `fn(*args)` on an idle thread, the first one first; else on the least loaded.
+        `boost=False`: never on every core, even alone (one share of work split among threads,
+        whose other shares may not be submitted yet)."""
         with self._lock:
             index = min(range(self.workers), key=lambda i: (self._running[i], i))
             self._running[index] += 1
-        return self._threads[index].submit(self._run, index, fn, *args)
+        return self._threads[index].submit(self._run, index, boost, fn, *args)
 
     def release(self) -> None:
         """Count the calling device thread as free already, before its call returns: for work
@@ -91,13 +92,13 @@ class DeviceThreads:
                 self._current.released = True
                 self._running[self._current.index] -= 1
 
-    def _run(self, index: int, fn: Callable[..., T], *args: Any) -> T:
+    def _run(self, index: int, boost: bool, fn: Callable[..., T], *args: Any) -> T:
         self._current.index, self._current.released = index, False
         try:
             if self.workers > 1:
                 with self._lock:
                     alone = sum(self._running) == 1
-                wanted = self._lone if alone and index == 0 else self._share
+                wanted = self._lone if boost and alone and index == 0 else self._share
                 if torch.get_num_threads() != wanted:
                     torch.set_num_threads(wanted)
             return fn(*args)

@@ -31,13 +31,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Where each CPU worker has one core, a queue of at least this many tokens is split among them
-# rather than run on every core by the first thread. One forward on 2 cores waits at every
-# parallel region's barrier; two single-core halves side by side do not. On the 2-core EPYC
-# (MiniLM, in-process through DeviceThreads) halves of 686-2528 tokens took 1.05-1.20x less
-# time than the whole batch on both cores; at 256 tokens 0.98-1.17x, and at 16-128 tokens the
-# whole batch was faster (those are bound by reading the weights, which both cores then share).
-SPLIT_LONE_WORK_TOKENS = 512
+# Where each CPU worker has one core, work is shared among them only in batches of at least this
+# many tokens; smaller lone work runs on every core by the first thread. One forward on 2 cores
+# waits at every parallel region's barrier; two single-core halves side by side do not. On the
+# 2-core EPYC (MiniLM, in-process through DeviceThreads), batches of 686-2528 tokens took
+# 1.05-1.20x less time as two halves side by side than whole on both cores; at 256 tokens
+# 0.98-1.17x, and at 16-128 tokens the whole batch was faster (those are bound by reading the
+# weights, which both cores then share).
+MIN_SHARED_BATCH_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,9 @@ class WorkSplit:
     """How the batcher shares queued work among CPU device threads (see `toolkit.batcher`)."""
 
     min_tokens: int  # queued tokens from which a batch takes only a share of the queue
-    # Shares for every thread, busy ones too: a thread that frees up while another is busy
-    # leaves that one its share instead of taking the whole queue. Else for the idle ones.
-    among_all: bool
+    # Shares counted for every thread, busy ones too: a batch takes at most 1/threads of the
+    # queue and leaves the rest to whichever thread frees up next. Else for the idle ones only.
+    include_busy: bool
 
 
 def pick_device(requested: str) -> torch.device:
@@ -178,24 +179,26 @@ class Runner:
         """How the batcher shares queued work among the device threads; None for one thread.
         Workers of several cores each share all work among the idle ones. Workers of one core
         each, whose first thread runs a lone batch on every core, share a queue of at least
-        `SPLIT_LONE_WORK_TOKENS` among all: with only idle ones sharing, the first thread to free
-        up took the whole queue, and the other went on serving one client alone while the rest
-        waited on that batch (one client sending 8 texts at a time: 1.15-1.2x the tokens/s of
-        sharing nothing, and no change at 8 and 32 clients; sharing among the idle ones lost
-        2-5 % there)."""
+        `MIN_SHARED_BATCH_TOKENS` per worker among all of them, busy ones included: with only
+        the idle ones sharing, the first worker to free up took the whole queue, and the other
+        went on serving one client alone while the rest waited on that batch (2 cores, four
+        alternating rounds: one client sending 8 texts at a time got 1.12-1.28x the tokens/s of
+        sharing nothing, 8 and 32 clients the same within noise; sharing among the idle ones
+        had lost 2-5 % there)."""
         threads = self._device_threads
         if threads.workers == 1:
             return None
         if threads.boosts_lone_batches:
-            return WorkSplit(SPLIT_LONE_WORK_TOKENS, among_all=True)
-        return WorkSplit(0, among_all=False)
+            return WorkSplit(MIN_SHARED_BATCH_TOKENS * threads.workers, include_busy=True)
+        return WorkSplit(0, include_busy=False)
 
-    def submit(self, items: Sequence[WorkItem]) -> Future[list[ItemResult]]:
-        """Queue a batch; the future holds one result (a row or an error) per item."""
+    def submit(self, items: Sequence[WorkItem], *, boost: bool = True) -> Future[list[ItemResult]]:
+        """Queue a batch; the future holds one result (a row or an error) per item.
+        `boost=False` for a share of split work: it never takes every core (`DeviceThreads`)."""
         future: Future[list[ItemResult]] = Future()
         self._unanswered.add(future)
         future.add_done_callback(self._unanswered.discard)
-        self._device_threads.submit(self._launch_guarded, list(items), future)
+        self._device_threads.submit(self._launch_guarded, list(items), future, boost=boost)
         return future
 
     def run(self, items: Sequence[WorkItem]) -> list[ItemResult]:
