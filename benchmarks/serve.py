@@ -55,7 +55,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/toolkit-bench"))
     parser.add_argument("--out", help="write results JSON here")
-    parser.add_argument("--single-requests", type=int, default=200, help="lone short requests for p50")
+    parser.add_argument(
+        "--single-requests", type=int, default=200, help="lone short requests for p50 (0: none)"
+    )
     return parser.parse_args()
 
 
@@ -326,8 +328,9 @@ def main() -> None:
                 spy.wait()
             print(f"  concurrency {concurrency}: {run['tokens_per_s']:,.0f} tok/s", flush=True)
         lone = "Once upon a time" if use_texts else inputs[0][:8]  # 6 tokens with MiniLM's specials
-        short = [{"input": lone} for _ in range(args.single_requests)]
-        results["single_short_request"] = asyncio.run(drive(url, short, 1))
+        if args.single_requests > 0:
+            short = [{"input": lone} for _ in range(args.single_requests)]
+            results["single_short_request"] = asyncio.run(drive(url, short, 1))
     finally:
         from toolkit.utils import terminate_process
 
@@ -383,7 +386,9 @@ def report(results: dict[str, Any]) -> None:
         )
         if run["failures"]:
             print(f"         {run['failures']} failed requests")
-    single = results["single_short_request"]
+    single = results.get("single_short_request")
+    if not single:
+        return
     print(f"one short request alone: p50 {single['p50_ms']:.2f} ms, p99 {single['p99_ms']:.2f} ms")
     stages = single.get("server_p50_ms", {})
     if stages:  # what the server itself saw (Server-Timing); the rest is the client and the network
