@@ -20,21 +20,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    from toolkit.model_source import bundled_model_dir
+    from toolkit.service.model_source import bundled_model_dir
 
     return bundled_model_dir()
 
 
 def build_app(argv: list[str]):  # type: ignore[no-untyped-def]
     """`(state, app)` for the given CLI arguments; the model loads once the app starts."""
-    from toolkit.server.app import ServerState, create_app
+    from toolkit.api.app import create_app
+    from toolkit.api.state import ServerState
+    from toolkit.execution.assembly import load_service
     from toolkit.server_args import ServerArgs
-    from toolkit.startup import load_engine, prepare
+    from toolkit.service.model_files import read_model_files
 
     args = ServerArgs.from_cli(argv, environ={})
-    prepared = prepare(args)
-    state = ServerState(args, str(prepared.model_dir), str(prepared.tokenizer_dir))
-    return state, create_app(state, lambda: load_engine(args, prepared))
+    files = read_model_files(args.model_path, args.tokenizer_path, args.pooling, args.normalize)
+    state = ServerState(args, str(files.model_dir), str(files.tokenizer_dir))
+    return state, create_app(state, lambda: load_service(args, files))
 
 
 def start_test_client(argv: list[str]):  # type: ignore[no-untyped-def]
@@ -107,7 +109,7 @@ def fresh_client(request: pytest.FixtureRequest) -> Iterator:  # type: ignore[ty
     """A server of its own (a test may break it); parametrize it indirectly with CLI arguments."""
     client = start_test_client(list(getattr(request, "param", [])))
     yield client
-    client.state.engine.batcher.runner.fault_hook = None
+    client.state.service.queue.runner.fault_hook = None
     client.__exit__(None, None, None)
 
 

@@ -21,10 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.shapes import build_shape
-from toolkit.model_spec import read_embedding_spec
-from toolkit.models import load_model
-from toolkit.pooling import normalize
-from toolkit.runner import Runner, WorkItem
+from toolkit.execution.pooling import normalize
+from toolkit.execution.runner import Runner
+from toolkit.models.loader import load_model
+from toolkit.scheduling.work import WorkItem
+from toolkit.service.model_spec import read_embedding_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

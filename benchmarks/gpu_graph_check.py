@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_graph_check.py
 
-CI has no GPU, so this is the end-to-end check of toolkit.cuda_graphs. Tiny random models of the
+CI has no GPU, so this is the end-to-end check of toolkit.execution.cuda_graphs. Tiny random models of the
 test zoo (tests/model_zoo.py): BERT in bfloat16 (flash attention), MPNet in bfloat16 (padded
 attention with its relative-position bias, CLS pooling), causal Qwen3 in float32 (padded
 attention with a causal mask). Two Runners share each model, one with graphs and one without;
@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from model_zoo import build_tiny_model
 
-from toolkit.model_spec import read_embedding_spec
-from toolkit.models import load_model
-from toolkit.runner import Runner, WorkItem
+from toolkit.execution.runner import Runner
+from toolkit.models.loader import load_model
+from toolkit.scheduling.work import WorkItem
+from toolkit.service.model_spec import read_embedding_spec
 
 CASES = [("bert", torch.bfloat16, None), ("mpnet", torch.bfloat16, "cls"), ("qwen3", torch.float32, None)]
 

@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.shapes import SHAPES, build_shape
-from toolkit.model_spec import read_embedding_spec
-from toolkit.models import load_model
-from toolkit.runner import Runner, WorkItem
+from toolkit.execution.runner import Runner
+from toolkit.models.loader import load_model
+from toolkit.scheduling.work import WorkItem
+from toolkit.service.model_spec import read_embedding_spec
 
 
 def timed(runner: Runner, items: list[WorkItem], repeats: int) -> float:

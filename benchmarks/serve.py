@@ -97,7 +97,7 @@ def run_reference(model_dir: Path, inputs: list[list[int]], device: str, dtype: 
     import torch
     from transformers import AutoModel
 
-    from toolkit.model_spec import read_embedding_spec
+    from toolkit.service.model_spec import read_embedding_spec
 
     torch_dtype = _torch_dtype(dtype, device)
     model = AutoModel.from_pretrained(str(model_dir), dtype=torch_dtype).to(device).eval()
@@ -304,7 +304,7 @@ def main() -> None:
     elif args.model_path:
         model_dir = Path(args.model_path)
     else:
-        from toolkit.model_source import bundled_model_dir
+        from toolkit.service.model_source import bundled_model_dir
 
         model_dir = bundled_model_dir()
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
@@ -382,7 +382,7 @@ def _start_py_spy(pid: int, output: str) -> subprocess.Popen:
 def _workload(model_dir: Path, vocab: int, args: argparse.Namespace, use_texts: bool):
     if not use_texts:
         return None, make_inputs(vocab, args.lengths, args.num_inputs)
-    from toolkit.tokenization import TextTokenizer
+    from toolkit.service.tokenization import TextTokenizer
 
     lo, hi = (int(x) for x in args.lengths.split("-"))
     rng = random.Random(0)

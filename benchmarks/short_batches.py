@@ -26,15 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.serve import machine_description
-from toolkit.model_source import bundled_model_dir
-from toolkit.models import LoadedModel, load_model, short_batch_linear
+from toolkit.execution.packing import pack
+from toolkit.models import short_batch_linear
+from toolkit.models.base import LoadedModel
+from toolkit.models.loader import load_model
 from toolkit.models.short_batch_linear import (
     ShortBatchLinear,
     build_kernels,
     distinct_packed_layers,
     packed_products_pay_off,
 )
-from toolkit.packing import pack
+from toolkit.service.model_source import bundled_model_dir
 
 
 def load(packed: bool) -> LoadedModel:
@@ -88,7 +90,7 @@ def main() -> None:
     print(f"lengths {lo}-{hi} but the above, each new: median ms of first sight / again (first's cost)")
     for name, model in models.items():
         report_first_sight(name, model, new_lengths[::2], rng)
-    # What the server does after start-up (toolkit.startup): build the kernels of every short
+    # What the server does after start-up (toolkit.execution.kernel_builder): build the kernels of every short
     # row count in advance. Measured on the other half of the lengths, still unseen.
     build_started = time.perf_counter()
     for rows in range(1, short_batch_linear.PACKED_MAX_ROWS + 1):

@@ -22,7 +22,7 @@ import requests
 
 PEER = (
     "from sentence_transformers import SentenceTransformer\n"
-    "from toolkit.model_source import bundled_model_dir\n"
+    "from toolkit.service.model_source import bundled_model_dir\n"
     "SentenceTransformer(str(bundled_model_dir()), device='cpu').encode('hello')\n"
 )
 

@@ -20,7 +20,7 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from toolkit.packing import PackedBatch
+from toolkit.models.packed_batch import PackedBatch
 
 CLS, SEP = 101, 102  # MiniLM's [CLS] and [SEP]
 WAIT_S = 30.0

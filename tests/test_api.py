@@ -38,13 +38,13 @@ def test_response_shape_and_usage_match_tokenizer(minilm_client) -> None:
     assert body["object"] == "list" and body["model"] == DEFAULT_MODEL_NAME
     assert [item["index"] for item in body["data"]] == [0, 1, 2]
     assert all(item["object"] == "embedding" and len(item["embedding"]) == 384 for item in body["data"])
-    tokenizer = minilm_client.state.engine.tokenizer
+    tokenizer = minilm_client.state.service.tokenizer
     expected = sum(len(ids) for ids in tokenizer.encode(TEXTS))
     assert body["usage"] == {"prompt_tokens": expected, "total_tokens": expected}
 
 
 def test_four_input_forms_agree(minilm_client) -> None:
-    ids = minilm_client.state.engine.tokenizer.encode(TEXTS)
+    ids = minilm_client.state.service.tokenizer.encode(TEXTS)
     as_strings = vectors(embed(minilm_client, input=TEXTS))
     as_string = vectors(embed(minilm_client, input=TEXTS[0]))
     as_ids = vectors(embed(minilm_client, input=ids[0]))
@@ -151,7 +151,7 @@ def test_encode_route_single_and_list(minilm_client) -> None:
     np.testing.assert_allclose(single["embedding"], reference[0], atol=1e-6)
     many = minilm_client.post("/encode", json={"text": TEXTS}).json()
     assert len(many) == 3
-    ids = minilm_client.state.engine.tokenizer.encode(TEXTS)
+    ids = minilm_client.state.service.tokenizer.encode(TEXTS)
     by_ids = minilm_client.post("/encode", json={"input_ids": ids[1]}).json()
     np.testing.assert_allclose(by_ids["embedding"], reference[1], atol=1e-6)
     assert by_ids["meta_info"]["prompt_tokens"] == len(ids[1])

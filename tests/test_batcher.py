@@ -9,9 +9,10 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 
-from toolkit.batcher import Batcher
 from toolkit.errors import OverloadedError
-from toolkit.runner import WorkItem, WorkSplit
+from toolkit.execution.cpu_policy import WorkSplit
+from toolkit.scheduling.batcher import Batcher
+from toolkit.scheduling.work import WorkItem
 
 
 class FakeRunner:
@@ -69,9 +70,9 @@ ALL_40, TWO_20 = [[3], [5] * 8], [[3], [5] * 4, [5] * 4]
     ("split", "idle_both", "one_busy"),
     [
         (None, WHOLE, ALL_40),  # one device thread
-        (WorkSplit(0, include_busy=False), HALVES, ALL_40),  # the idle one takes it all
-        (WorkSplit(21, include_busy=True), HALVES, TWO_20),  # half left for whoever frees up
-        (WorkSplit(41, include_busy=True), WHOLE, ALL_40),  # too few tokens to share
+        (WorkSplit(2, 0, include_busy=False), HALVES, ALL_40),  # the idle one takes it all
+        (WorkSplit(2, 21, include_busy=True), HALVES, TWO_20),  # half left for whoever frees up
+        (WorkSplit(2, 41, include_busy=True), WHOLE, ALL_40),  # too few tokens to share
     ],
 )
 def test_two_workers_share_the_queue_as_the_runner_says(
@@ -107,7 +108,7 @@ def test_an_input_longer_than_a_share_keeps_the_queue_whole_on_single_core_worke
 ) -> None:
     async def scenario() -> None:
         runner = FakeRunner()
-        runner.parallel_batches, runner.work_split = 2, WorkSplit(0, include_busy=True)
+        runner.parallel_batches, runner.work_split = 2, WorkSplit(2, 0, include_busy=True)
         batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
         batcher.start()
         await batcher.submit(items(*lengths))
@@ -134,7 +135,7 @@ def test_workers_that_finish_together_are_both_idle_for_the_next_batch() -> None
 
     async def scenario() -> None:
         runner = HeldRunner()
-        runner.parallel_batches, runner.work_split = 2, WorkSplit(0, include_busy=False)
+        runner.parallel_batches, runner.work_split = 2, WorkSplit(2, 0, include_busy=False)
         batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
         batcher.start()
         first = batcher.submit(items(1))

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from toolkit.api.disconnect import cancel_on_disconnect
 from toolkit.errors import ClientDisconnectedError
-from toolkit.server.disconnect import cancel_on_disconnect
 
 
 async def _handle(trigger: str) -> str:

@@ -31,7 +31,7 @@ from fault_injection import (
 from test_api import assert_openai_error
 
 from conftest import ThreadedServer
-from toolkit.packing import PackedBatch
+from toolkit.models.packed_batch import PackedBatch
 from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
 
 # --- backpressure and disconnects ---------------------------------------------------------------
@@ -41,7 +41,7 @@ from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
     "fresh_client", [["--max-queued-tokens", "16", "--max-queued-inputs", "4"]], indirect=True
 )
 def test_full_queue_answers_429_with_retry_after_then_recovers(fresh_client) -> None:
-    batcher = fresh_client.state.engine.batcher
+    batcher = fresh_client.state.service.queue
     gate = DeviceGate()
     post = lambda body: fresh_client.post("/v1/embeddings", json=body)  # noqa: E731
     with device_held(batcher, gate, post, marker=1001, workers=3) as (pool, held, second):
@@ -62,7 +62,7 @@ def test_full_queue_answers_429_with_retry_after_then_recovers(fresh_client) -> 
 
 def test_disconnected_clients_inputs_never_reach_the_device(threaded_server: ThreadedServer) -> None:
     state = threaded_server.state
-    batcher = state.engine.batcher
+    batcher = state.service.queue
     gate = DeviceGate()
     url = f"{threaded_server.url}/v1/embeddings"
     gone = 2001
@@ -100,11 +100,11 @@ def test_out_of_memory_splits_the_batch_and_every_request_succeeds(minilm_client
     texts = [f"input number {i} " + "word " * i for i in range(8)]
     reference = minilm_client.post("/v1/embeddings", json={"input": texts}).json()["data"]
     gate = DeviceGate(hold=0, fault=out_of_memory_above(2))
-    minilm_client.state.engine.batcher.runner.fault_hook = gate
+    minilm_client.state.service.queue.runner.fault_hook = gate
     try:
         response = minilm_client.post("/v1/embeddings", json={"input": texts})
     finally:
-        minilm_client.state.engine.batcher.runner.fault_hook = None
+        minilm_client.state.service.queue.runner.fault_hook = None
     assert response.status_code == 200, response.text
     got = np.array([d["embedding"] for d in response.json()["data"]])
     np.testing.assert_allclose(got, np.array([d["embedding"] for d in reference]), atol=1e-5)
@@ -113,7 +113,7 @@ def test_out_of_memory_splits_the_batch_and_every_request_succeeds(minilm_client
 
 
 def test_an_input_that_still_fails_gets_500_and_its_batch_mates_succeed(fresh_client) -> None:
-    batcher = fresh_client.state.engine.batcher
+    batcher = fresh_client.state.service.queue
     poison = 3001
     gate = DeviceGate(
         fault=lambda batch: torch.OutOfMemoryError("forced") if poison in batch.input_ids else None
@@ -137,7 +137,7 @@ def test_an_input_that_still_fails_gets_500_and_its_batch_mates_succeed(fresh_cl
 
 
 def test_dead_device_thread_fails_in_flight_requests_fast_and_health_turns_503(fresh_client) -> None:
-    batcher = fresh_client.state.engine.batcher
+    batcher = fresh_client.state.service.queue
     gate = DeviceGate(fault=lambda batch: SystemExit("device thread died"))
     post = lambda body: fresh_client.post("/v1/embeddings", json=body)  # noqa: E731
     with device_held(batcher, gate, post, marker=4001, workers=3) as (pool, held, second):
@@ -158,7 +158,7 @@ def test_dead_device_thread_fails_in_flight_requests_fast_and_health_turns_503(f
 
 
 def test_dead_batcher_loop_fails_queued_requests_and_health_turns_503(fresh_client) -> None:
-    batcher = fresh_client.state.engine.batcher
+    batcher = fresh_client.state.service.queue
 
     def broken() -> None:
         raise RuntimeError("the batcher loop broke")

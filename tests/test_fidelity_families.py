@@ -37,7 +37,8 @@ from model_zoo import (
 )
 
 from conftest import start_test_client
-from toolkit.models.loader import DECODER_TYPES, ENCODER_TYPES, load_model
+from toolkit.models.loader import load_model
+from toolkit.models.registry import family_of
 
 TEXTS = [
     "hello",
@@ -103,12 +104,12 @@ def assert_matches_references(
 
 
 def token_count(client: Any, text: str) -> int:
-    return len(client.state.engine.tokenizer.encode([text])[0])
+    return len(client.state.service.tokenizer.encode([text])[0])
 
 
 def text_at_limit(client: Any) -> str:
     """Words added until one more would pass the server's context length, then " the" to fill up."""
-    limit = client.state.engine.limits.context_length
+    limit = client.state.service.limits.context_length
     text, index = "", 0
     while True:
         longer = f"{text} {FILLER_WORDS[index % len(FILLER_WORDS)]}".lstrip()
@@ -163,7 +164,7 @@ def test_truncation_matches_references_cut_the_same_way(served: Served, side: st
 
 
 def test_over_long_input_is_refused_with_both_lengths(served: Served) -> None:
-    limit = served.client.state.engine.limits.context_length
+    limit = served.client.state.service.limits.context_length
     text = text_at_limit(served.client) + " the"
     assert token_count(served.client, text) == limit + 1
     response = served.client.post("/v1/embeddings", json={"input": [TEXTS[0], text]})
@@ -304,7 +305,7 @@ def test_architecture_without_native_forward_falls_back_to_transformers(
 ) -> None:
     model_dir = build_fallback_model(tmp_path)
     model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
-    assert model_type not in ENCODER_TYPES | DECODER_TYPES
+    assert family_of(model_type) is None
     # Loading it directly first fails fast where serving it would only time out.
     assert load_model(model_dir, torch.device("cpu"), torch.float32).implementation == "transformers"
     with caplog.at_level(logging.INFO, logger="toolkit"), serving(model_dir) as client:

@@ -23,7 +23,7 @@ FIDELITY_TEXTS = [
 def reference():  # type: ignore[no-untyped-def]
     from sentence_transformers import SentenceTransformer
 
-    from toolkit.model_source import bundled_model_dir
+    from toolkit.service.model_source import bundled_model_dir
 
     return SentenceTransformer(str(bundled_model_dir()), device="cpu")
 
@@ -45,7 +45,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_matches_sentence_transformers(minilm_client, reference) -> None:
-    engine = minilm_client.state.engine
+    engine = minilm_client.state.service
     texts = [*FIDELITY_TEXTS, near_limit_text(engine.tokenizer, engine.limits.context_length)]
     assert len(engine.tokenizer.encode([texts[-1]])[0]) == 256
     ours = np.array(

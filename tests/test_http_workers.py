@@ -1,6 +1,6 @@
 """`--http-workers`: HTTP front-end processes that send token ids to the engine process.
 
-The wire format round-trips; a front end's RemoteBatcher against the engine's BatchService
+The wire format round-trips; a front end's RemoteBatcher against the engine's BatchServer
 answers, refuses, withdraws and fails like the in-process batcher; and a real server with two
 front ends embeds like sentence-transformers, reports errors in the OpenAI shape, and leaves no
 process behind, whether it is stopped or its engine dies.
@@ -28,50 +28,50 @@ import psutil
 import pytest
 import requests
 
-from toolkit import ipc
-from toolkit.batch_service import BatchService
-from toolkit.batcher import Batcher
 from toolkit.errors import InferenceError, OverloadedError, ServiceUnavailableError
-from toolkit.frontend import RemoteBatcher, connect_to_engine
-from toolkit.metrics import RequestTiming
+from toolkit.scheduling import wire
+from toolkit.scheduling.batch_server import BatchServer
+from toolkit.scheduling.batcher import Batcher
+from toolkit.scheduling.remote import RemoteBatcher, connect_to_engine
+from toolkit.scheduling.timing import RequestTiming
+from toolkit.scheduling.work import WorkItem
 from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
-from toolkit.work import WorkItem
 
 # --- the wire ---------------------------------------------------------------------------------
 
 
 def test_submit_frames_carry_token_ids_and_pool_starts() -> None:
     items = [WorkItem([5, 6, 7], 1), WorkItem([8]), WorkItem(list(range(300)), 2)]
-    encoded = ipc.encode_submit(42, items)
-    length, kind, request_id = ipc.HEADER.unpack_from(encoded)
-    assert (kind, request_id, length) == (ipc.SUBMIT, 42, len(encoded) - ipc.HEADER.size)
-    decoded = ipc.decode_submit(encoded[ipc.HEADER.size :])
+    encoded = wire.encode_submit(42, items)
+    length, kind, request_id = wire.HEADER.unpack_from(encoded)
+    assert (kind, request_id, length) == (wire.SUBMIT, 42, len(encoded) - wire.HEADER.size)
+    decoded = wire.decode_submit(encoded[wire.HEADER.size :])
     assert [list(item.token_ids) for item in decoded] == [list(item.token_ids) for item in items]
     assert [item.pool_start for item in decoded] == [1, 0, 2]
 
 
 def test_a_submit_frame_whose_ids_do_not_add_up_is_refused() -> None:
-    body = ipc.encode_submit(1, [WorkItem([1, 2, 3])])[ipc.HEADER.size :]
+    body = wire.encode_submit(1, [WorkItem([1, 2, 3])])[wire.HEADER.size :]
     with pytest.raises(ValueError, match="announces 3 token ids"):
-        ipc.decode_submit(body[:-4])
+        wire.decode_submit(body[:-4])
 
 
 def test_result_frames_carry_rows_and_stage_times() -> None:
     rows = [np.arange(4, dtype=np.float32), -np.arange(4, dtype=np.float32)]
-    encoded = ipc.encode_result(7, rows, 0.25, 1.5)
-    result = ipc.decode_result(encoded[ipc.HEADER.size :])
+    encoded = wire.encode_result(7, rows, 0.25)
+    result = wire.decode_result(encoded[wire.HEADER.size :])
     np.testing.assert_array_equal(np.stack(result.rows), np.stack(rows))
-    assert (result.queue_s, result.inference_s) == (0.25, 1.5)
+    assert result.queue_s == 0.25
 
 
 def test_errors_cross_as_themselves_and_anything_else_as_a_generic_inference_error() -> None:
-    overloaded = ipc.decode_error(
-        ipc.encode_error(1, OverloadedError("full", retry_after_s=3))[ipc.HEADER.size :]
+    overloaded = wire.decode_error(
+        wire.encode_error(1, OverloadedError("full", retry_after_s=3))[wire.HEADER.size :]
     )
     assert isinstance(overloaded, OverloadedError) and overloaded.headers() == {"Retry-After": "3"}
-    unavailable = ipc.decode_error(ipc.encode_error(1, ServiceUnavailableError("gone"))[ipc.HEADER.size :])
+    unavailable = wire.decode_error(wire.encode_error(1, ServiceUnavailableError("gone"))[wire.HEADER.size :])
     assert type(unavailable) is ServiceUnavailableError and unavailable.status_code == 503
-    bug = ipc.decode_error(ipc.encode_error(1, KeyError("a model bug"))[ipc.HEADER.size :])
+    bug = wire.decode_error(wire.encode_error(1, KeyError("a model bug"))[wire.HEADER.size :])
     assert type(bug) is InferenceError and "model bug" not in bug.message
 
 
@@ -115,14 +115,15 @@ class Link:
 
 @asynccontextmanager
 async def linked(tmp_path: Path, *, held: bool, max_batch_tokens: int, max_queued_tokens: int = 1000):  # type: ignore[no-untyped-def]
-    """A Batcher over a GatedRunner (its gate closed if `held`), served by a BatchService on a
+    """A Batcher over a GatedRunner (its gate closed if `held`), served by a BatchServer on a
     Unix socket, and a started RemoteBatcher connected to it."""
     runner = GatedRunner()
     if held:
         runner.gate.clear()
     batcher = Batcher(runner, max_batch_tokens, max_queued_tokens)  # type: ignore[arg-type]
     batcher.start()
-    service = BatchService(batcher, {"limits": {}, "embedding_dim": 1})
+    service = BatchServer(batcher, {"limits": {}, "embedding_dim": 1})
+    batcher.on_batch = service.report_batch
     engine_ends: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -252,7 +253,7 @@ def two_front_end_server() -> Iterator[tuple[subprocess.Popen[str], str]]:
 def test_two_front_ends_embed_like_sentence_transformers_and_stop_cleanly() -> None:
     from sentence_transformers import SentenceTransformer
 
-    from toolkit.model_source import bundled_model_dir
+    from toolkit.service.model_source import bundled_model_dir
 
     reference = SentenceTransformer(str(bundled_model_dir()), device="cpu").encode(TEXTS)
     with two_front_end_server() as (process, url):
@@ -319,15 +320,15 @@ def test_front_ends_exit_when_their_engine_dies() -> None:
 # compile and graph capture), then raises or loads for real.
 _STUBBED_LOAD = """
 import sys, time
-import toolkit.startup as startup
+import toolkit.execution.assembly as assembly
 from toolkit.errors import ModelLoadError
-real_load = startup._load_on_device_thread
+real_load = assembly._load_on_device_thread
 def load(*args):
     time.sleep(float(sys.argv[1]))
     if sys.argv[2] == "fail":
         raise ModelLoadError("no usable weights")
     return real_load(*args)
-startup._load_on_device_thread = load
+assembly._load_on_device_thread = load
 from toolkit.launch_server import main
 sys.exit(main(sys.argv[3:]))
 """

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.errors import ModelLoadError
-from toolkit.model_source import bundled_model_dir, resolve_model_dir
+from toolkit.service.model_source import bundled_model_dir, resolve_model_dir
 
 
 def fake_hub_cache(cache: Path, repo_id: str, source: Path) -> Path:

@@ -239,9 +239,9 @@ def test_smollm2(smollm2_dir: Path) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_last_layer_on_pooled_rows_equals_full_forward(zoo: Callable[[str], Path], family: str) -> None:
     """One-token pooling runs the last layer on the pooled tokens alone; nothing else may change."""
-    from toolkit.models import load_model
-    from toolkit.packing import pack
-    from toolkit.pooling import token_rows
+    from toolkit.execution.packing import pack
+    from toolkit.execution.pooling import token_rows
+    from toolkit.models.loader import load_model
 
     model = load_model(zoo(family), torch.device("cpu"), torch.float32)
     # Causal decoders offer lasttoken only; encoders and bidirectional decoders also CLS.
@@ -260,19 +260,19 @@ def test_last_layer_on_pooled_rows_equals_full_forward(zoo: Callable[[str], Path
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padded_batch_gives_the_same_embeddings(zoo: Callable[[str], Path], family: str) -> None:
     """CUDA graphs run batches padded to a bucket shape; the real rows must not change."""
-    from toolkit.cuda_graphs import GraphShape
-    from toolkit.models import load_model
-    from toolkit.packing import pack
-    from toolkit.runner import Runner
+    from toolkit.execution.cuda_graphs import GraphShape, padded
+    from toolkit.execution.packing import pack
+    from toolkit.execution.runner import Runner
+    from toolkit.models.loader import load_model
 
     model = load_model(zoo(family), torch.device("cpu"), torch.float32)
     batch = pack([[5, 6, 7], [8], [9, 10, 11, 12, 13, 14]], [1, 0, 2])
     shape = GraphShape.fitting(batch)
-    padded = batch.padded(shape.tokens, shape.seqs, shape.max_seqlen)
+    grown = padded(batch, shape.tokens, shape.seqs, shape.max_seqlen)
     for modes in (["mean"], ["cls"], ["lasttoken"], ["max", "mean"]):
         runner = Runner(model, torch.device("cpu"), modes, normalize_output=True)
         with torch.inference_mode():
-            alone, inside = runner.embed(batch), runner.embed(padded)[: batch.num_seqs]
+            alone, inside = runner.embed(batch), runner.embed(grown)[: batch.num_seqs]
         runner.shutdown()
         assert (alone - inside).abs().max() <= 1e-6, (modes, float((alone - inside).abs().max()))
 
@@ -282,10 +282,10 @@ def test_graph_view_computes_any_batch_of_its_shape(zoo: Callable[[str], Path], 
     """A CUDA graph is captured on one batch and replayed on others of the same shape: the
     captured view may depend on the template's shape only, never on its lengths (on the CPU the
     view is run directly on the new contents, as a replay would)."""
-    from toolkit.cuda_graphs import GraphShape, graph_view
-    from toolkit.models import load_model
-    from toolkit.packing import pack
-    from toolkit.runner import Runner
+    from toolkit.execution.cuda_graphs import GraphShape, graph_view, padded, write_padded
+    from toolkit.execution.packing import pack
+    from toolkit.execution.runner import Runner
+    from toolkit.models.loader import load_model
 
     model = load_model(zoo(family), torch.device("cpu"), torch.float32)
     cases = [
@@ -298,9 +298,9 @@ def test_graph_view_computes_any_batch_of_its_shape(zoo: Callable[[str], Path], 
         template_batch, batch = pack(captured_on), pack(replayed, [0, 1, 0, 0, 0][: len(replayed)])
         shape = GraphShape.fitting(batch)
         assert GraphShape.fitting(template_batch) == shape
-        template = template_batch.padded(shape.tokens, shape.seqs, shape.max_seqlen)
+        template = padded(template_batch, shape.tokens, shape.seqs, shape.max_seqlen)
         buffer = template.host_buffer().clone()
-        batch.write_padded(buffer.numpy(), shape.tokens, shape.seqs)
+        write_padded(batch, buffer.numpy(), shape.tokens, shape.seqs)
         for modes in (["mean"], ["cls"], ["lasttoken"]):
             runner = Runner(model, torch.device("cpu"), modes, normalize_output=True)
             with torch.inference_mode():
@@ -317,9 +317,9 @@ def test_graph_view_computes_any_batch_of_its_shape(zoo: Callable[[str], Path], 
 def test_compiled_blocks_compute_what_the_eager_forward_does(zoo: Callable[[str], Path], family: str) -> None:
     """The server compiles parts of each layer on CUDA (an encoder's add + LayerNorm steps, a
     decoder's work around attention); CI has no GPU, so the same compiled code runs on the CPU."""
-    from toolkit.models import load_model
-    from toolkit.packing import pack
-    from toolkit.runner import Runner
+    from toolkit.execution.packing import pack
+    from toolkit.execution.runner import Runner
+    from toolkit.models.loader import load_model
 
     model = load_model(zoo(family), torch.device("cpu"), torch.float32)
     runner = Runner(model, torch.device("cpu"), ["mean"], normalize_output=True)

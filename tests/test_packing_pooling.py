@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolkit.packing import pack
-from toolkit.pooling import normalize, pool
+from toolkit.execution.cuda_graphs import padded
+from toolkit.execution.packing import pack
+from toolkit.execution.pooling import normalize, pool
 
 SEQS = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
 
@@ -86,7 +87,7 @@ def test_normalize_gives_unit_rows() -> None:
 
 def test_padded_layout() -> None:
     """A batch grown for a graph shape: real rows first, then empty sequences, then padding."""
-    batch = pack(SEQS, [1, 0, 2]).padded(tokens=12, seqs=5, max_seqlen=8)
+    batch = padded(pack(SEQS, [1, 0, 2]), tokens=12, seqs=5, max_seqlen=8)
     assert batch.input_ids.tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13, 0, 0, 0]
     assert batch.position_ids.tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4, 0, 0, 0]
     assert batch.seq_ids.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2, 4, 4, 4]
@@ -94,19 +95,19 @@ def test_padded_layout() -> None:
     assert batch.pool_starts.tolist() == [1, 0, 2, 0, 0]
     assert batch.seqlens == [3, 1, 5, 0, 3] and batch.max_seqlen == 8 and batch.skips_tokens
     with pytest.raises(ValueError):
-        pack(SEQS).padded(tokens=9, seqs=5, max_seqlen=8)  # no room for the padding sequence
+        padded(pack(SEQS), tokens=9, seqs=5, max_seqlen=8)  # no room for the padding sequence
 
 
 @pytest.mark.parametrize("mode", ["mean", "max", "cls", "lasttoken", "weightedmean"])
 def test_padding_changes_no_pooled_row(mode: str) -> None:
     batch = pack(SEQS, [1, 0, 2])
-    padded = batch.padded(tokens=16, seqs=8, max_seqlen=8)
-    hidden = torch.randn(padded.num_tokens, 4, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(pool(hidden, padded, [mode])[:3], pool(hidden[:9], batch, [mode]))
+    grown = padded(batch, tokens=16, seqs=8, max_seqlen=8)
+    hidden = torch.randn(grown.num_tokens, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pool(hidden, grown, [mode])[:3], pool(hidden[:9], batch, [mode]))
 
 
 def test_graph_shapes_bound_the_padding() -> None:
-    from toolkit.cuda_graphs import GraphShape
+    from toolkit.execution.cuda_graphs import GraphShape
 
     for lengths in ([1], [15], [16], [255], [256], [300, 2], [512] * 31 + [300], [100] * 300):
         batch = pack([[1] * n for n in lengths])
@@ -118,7 +119,7 @@ def test_graph_shapes_bound_the_padding() -> None:
 
 
 def test_length_groups_cover_the_batch_with_bounded_padding() -> None:
-    from toolkit.packing import MAX_GROUP_PADDING
+    from toolkit.models.packed_batch import MAX_GROUP_PADDING
 
     lengths = [200, 190, 150, 120, 90, 60, 59, 58, 30, 8, 7, 1]
     batch = pack([list(range(1, n + 1)) for n in lengths], list(range(len(lengths))))

@@ -12,9 +12,10 @@ import torch
 from model_zoo import build_tiny_model
 
 from toolkit.errors import ServiceUnavailableError
-from toolkit.model_spec import read_embedding_spec
-from toolkit.models import load_model
-from toolkit.runner import Runner, WorkItem
+from toolkit.execution.runner import Runner
+from toolkit.models.loader import load_model
+from toolkit.scheduling.work import WorkItem
+from toolkit.service.model_spec import read_embedding_spec
 
 
 def test_shutdown_answers_batches_still_queued() -> None:

@@ -33,7 +33,7 @@ def server() -> Iterator[str]:
 def reference() -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 
-    from toolkit.model_source import bundled_model_dir
+    from toolkit.service.model_source import bundled_model_dir
 
     model = SentenceTransformer(str(bundled_model_dir()), device="cpu")
     return model.encode(TEXTS, convert_to_numpy=True)

@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from tests.model_zoo import build_tiny_model
-from toolkit.models import load_model, short_batch_linear
+from toolkit.models import short_batch_linear
+from toolkit.models.loader import load_model
 from toolkit.models.short_batch_linear import (
     PACKED_MAX_ROWS,
     ShortBatchLinear,

@@ -9,18 +9,26 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import toolkit.device_threads
-import toolkit.models
-from toolkit.device_threads import CORES, DeviceThreads
+import toolkit.execution.assembly
+import toolkit.execution.device_threads
+import toolkit.execution.kernel_builder
+from toolkit.execution.assembly import load_service
+from toolkit.execution.cpu_policy import MIN_SHARED_BATCH_TOKENS, WorkSplit, default_workers
+from toolkit.execution.device_threads import CORES, DeviceThreads
+from toolkit.execution.runner import Runner
 from toolkit.models import short_batch_linear
-from toolkit.runner import MIN_SHARED_BATCH_TOKENS, Runner, WorkItem, WorkSplit
+from toolkit.scheduling.work import WorkItem
 from toolkit.server_args import ServerArgs
-from toolkit.startup import load_engine, prepare
+from toolkit.service.model_files import ModelFiles, read_model_files
+
+
+def files_of(args: ServerArgs) -> ModelFiles:
+    return read_model_files(args.model_path, args.tokenizer_path, args.pooling, args.normalize)
 
 
 def test_loading_warm_up_and_serving_share_one_thread(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     threads: dict[str, set[int]] = {"load": set(), "forward": set()}
-    load_model, embed = toolkit.models.load_model, Runner.embed
+    load_model, embed = toolkit.execution.assembly.load_model, Runner.embed
 
     def recording_load(*args, **kwargs):  # type: ignore[no-untyped-def]
         threads["load"].add(threading.get_ident())
@@ -30,15 +38,15 @@ def test_loading_warm_up_and_serving_share_one_thread(monkeypatch) -> None:  # t
         threads["forward"].add(threading.get_ident())
         return embed(self, batch)
 
-    monkeypatch.setattr(toolkit.models, "load_model", recording_load)
+    monkeypatch.setattr(toolkit.execution.assembly, "load_model", recording_load)
     monkeypatch.setattr(Runner, "embed", recording_embed)
     args = ServerArgs.from_cli(["--device", "cpu", "--cpu-workers", "1"], environ={})
-    engine = load_engine(args, prepare(args))
+    service = load_service(args, files_of(args))
     try:
         warmed_up = set(threads["forward"])
-        rows = engine.batcher.runner.submit([WorkItem([101, 2000, 102])]).result(timeout=30)
+        rows = service.queue.runner.submit([WorkItem([101, 2000, 102])]).result(timeout=30)
     finally:
-        engine.batcher.runner.shutdown()
+        service.queue.runner.shutdown()
     assert rows[0].shape == (384,)
     assert warmed_up, "the warm-up ran no forward"
     assert threads["load"] == warmed_up == threads["forward"]
@@ -76,17 +84,17 @@ def test_short_batch_kernels_are_built_after_start_up_with_the_warm_up(monkeypat
         if rows == short_batch_linear.PACKED_MAX_ROWS:
             all_built.set()
 
-    monkeypatch.setattr(short_batch_linear, "build_kernels", recording_build)
+    monkeypatch.setattr(toolkit.execution.kernel_builder, "build_kernels", recording_build)
     flags = ["--device", "cpu", "--cpu-workers", "1"] + ([] if warmup else ["--no-warmup"])
     args = ServerArgs.from_cli(flags, environ={})
-    engine = load_engine(args, prepare(args))
+    service = load_service(args, files_of(args))
     try:
         if warmup:
             assert all_built.wait(timeout=30)
         else:  # a builder would be running still, or have recorded its jobs
             assert not any(thread.name == "kernel-builder" for thread in threading.enumerate())
     finally:
-        engine.batcher.runner.shutdown()
+        service.queue.runner.shutdown()
     if warmup:
         assert [rows for rows, _ in built] == list(range(1, short_batch_linear.PACKED_MAX_ROWS + 1))
         assert {thread.rsplit("_", 1)[0] for _, thread in built} == {"device-0"}
@@ -107,8 +115,8 @@ def test_two_cpu_workers_run_batches_side_by_side_and_a_lone_batch_on_both_cores
         return embed(self, batch)
 
     args = ServerArgs.from_cli(["--device", "cpu", "--no-warmup"], environ={})
-    engine = load_engine(args, prepare(args))
-    runner = engine.batcher.runner
+    service = load_service(args, files_of(args))
+    runner = service.queue.runner
     monkeypatch.setattr(Runner, "embed", recording_embed)
     try:
         side_by_side = [runner.submit([WorkItem([101, 2000 + i, 102])]) for i in range(2)]
@@ -135,19 +143,19 @@ def test_one_large_request_is_split_over_both_cores_and_a_small_one_runs_on_both
         return embed(self, batch)
 
     args = ServerArgs.from_cli(["--device", "cpu", "--no-warmup"], environ={})
-    engine = load_engine(args, prepare(args))
+    service = load_service(args, files_of(args))
     monkeypatch.setattr(Runner, "embed", recording_embed)
     length = MIN_SHARED_BATCH_TOKENS // 2 + 1  # four of them: just over a share for each worker
 
     async def scenario() -> None:
-        engine.batcher.start()
+        service.queue.start()
         try:
             large = [WorkItem([101] + [2000 + i] * (length - 2) + [102]) for i in range(4)]
-            assert len(await engine.batcher.submit(large)) == 4
+            assert len(await service.queue.submit(large)) == 4
             small = [WorkItem([101, 2000 + i, 102]) for i in range(2)]
-            assert len(await engine.batcher.submit(small)) == 2
+            assert len(await service.queue.submit(small)) == 2
         finally:
-            await engine.batcher.close()
+            await service.queue.close()
 
     asyncio.run(scenario())
     # The large request's halves ran side by side, one core each; the small one whole on both.
@@ -158,38 +166,35 @@ def test_one_large_request_is_split_over_both_cores_and_a_small_one_runs_on_both
 @pytest.mark.parametrize(
     ("cores", "workers", "boosts", "split"),
     [
-        (2, 2, True, WorkSplit(2 * MIN_SHARED_BATCH_TOKENS, include_busy=True)),
-        (4, 4, True, WorkSplit(4 * MIN_SHARED_BATCH_TOKENS, include_busy=True)),
-        (16, 4, False, WorkSplit(0, include_busy=False)),
+        (2, 2, True, WorkSplit(2, 2 * MIN_SHARED_BATCH_TOKENS, include_busy=True)),
+        (4, 4, True, WorkSplit(4, 4 * MIN_SHARED_BATCH_TOKENS, include_busy=True)),
+        (16, 4, False, WorkSplit(4, 0, include_busy=False)),
         (16, 1, False, None),
     ],
 )
 def test_workers_of_several_cores_share_all_idle_work_and_single_cores_a_large_queue(
     monkeypatch, cores: int, workers: int, boosts: bool, split: WorkSplit | None
 ) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(toolkit.device_threads, "CORES", cores)
+    monkeypatch.setattr(toolkit.execution.device_threads, "CORES", cores)
     threads = DeviceThreads(workers)
     model = SimpleNamespace(row_pooling_modes=())  # all the runner reads of a model when built
     runner = Runner(model, torch.device("cpu"), ("mean",), True, threads)  # type: ignore[arg-type]
     try:
-        assert (threads.boosts_lone_batches, runner.work_split) == (boosts, split)
+        assert (threads.plan.boosts_lone_batches, runner.work_split) == (boosts, split)
     finally:
         runner.shutdown()
 
 
 def test_default_cpu_workers_are_two_on_two_cores_else_one_and_the_flag_caps_at_one_per_core() -> None:
-    from toolkit.startup import _cpu_workers
-
-    default = ServerArgs.from_cli([], environ={})
-    by_cores = {cores: _cpu_workers(default, cores) for cores in (1, 2, 4, 7, 8, 16, 64)}
+    by_cores = {cores: default_workers(None, cores) for cores in (1, 2, 4, 7, 8, 16, 64)}
     assert by_cores == {1: 1, 2: 2, 4: 1, 7: 1, 8: 1, 16: 1, 64: 1}
-    assert _cpu_workers(ServerArgs.from_cli(["--cpu-workers", "8"], environ={}), 4) == 4
+    assert default_workers(ServerArgs.from_cli(["--cpu-workers", "8"], environ={}).cpu_workers, 4) == 4
 
 
 def test_settled_garbage_collector_skips_start_up_objects_and_young_churn() -> None:
     import gc
 
-    from toolkit.launch_server import settle_garbage_collector
+    from toolkit.process.bootstrap import settle_garbage_collector
 
     threshold = gc.get_threshold()
     try:
@@ -204,34 +209,34 @@ def test_settled_garbage_collector_skips_start_up_objects_and_young_churn() -> N
 def test_short_texts_are_tokenized_on_the_event_loop_long_ones_beside_it() -> None:
     import asyncio
 
-    from toolkit.engine import INLINE_TOKENIZE_CHARS, EmbedRequest
+    from toolkit.service.inference import INLINE_TOKENIZE_CHARS, EmbedRequest
 
     args = ServerArgs.from_cli(["--device", "cpu"], environ={})
-    engine = load_engine(args, prepare(args))
-    encode = engine.tokenizer.encode
+    service = load_service(args, files_of(args))
+    encode = service.tokenizer.encode
     threads: list[int] = []
 
     def recording_encode(texts: list[str]) -> list[list[int]]:
         threads.append(threading.get_ident())
         return encode(texts)
 
-    engine.tokenizer.encode = recording_encode  # type: ignore[method-assign]
+    service.tokenizer.encode = recording_encode  # type: ignore[method-assign]
     long_text = "word " * (INLINE_TOKENIZE_CHARS // 5 + 1)
 
     async def scenario() -> tuple[int, list[int]]:
-        engine.batcher.start()
+        service.queue.start()
         try:
             for text in ("a short query", long_text):
-                result = await engine.embed(EmbedRequest(texts=[text]))
+                result = await service.embed(EmbedRequest(texts=[text]))
                 assert result.embeddings.shape == (1, 384)
         finally:
-            await engine.batcher.stop()
+            await service.queue.stop()
         return threading.get_ident(), threads
 
     try:
         loop_thread, seen = asyncio.run(scenario())
     finally:
-        engine.batcher.runner.shutdown()
+        service.queue.runner.shutdown()
     assert seen[0] == loop_thread and seen[1] != loop_thread
 
 
@@ -241,8 +246,8 @@ def test_compile_is_on_by_default_only_on_cuda_and_for_encoders_only_with_graphs
 
     import torch
 
+    from toolkit.execution.assembly import _compile_wanted
     from toolkit.server_args import ServerArgs
-    from toolkit.startup import _compile_wanted
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     encoder = SimpleNamespace(compile_pays_off=True, compile_needs_graphs=True)

@@ -79,11 +79,6 @@ class PayloadTooLargeError(ToolkitError):
         return {"Connection": "close"}
 
 
-class UnsupportedMediaTypeError(ToolkitError):
-    status_code = 415
-    error_type = "invalid_request_error"
-
-
 class OverloadedError(ToolkitError):
     """Admission refused: the queue is full. The client should retry after a short pause."""
 

@@ -8,11 +8,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from toolkit.model_spec import POOLING_MODES
-
-# Environment variable through which `toolkit.utils.launch_server_cmd` hands over a listening
-# socket it already bound, so the port cannot be taken by someone else before the server starts.
-LISTEN_FD_ENV = "TOOLKIT_LISTEN_FD"
+from toolkit.environment import LISTEN_FD_ENV
+from toolkit.service.model_spec import POOLING_MODES
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ This module runs in the user's kernel, so it imports only the standard library, 
 ``psutil`` (and IPython's display, only when IPython is already loaded): the heavy server stack
 lives in the child process.
 
-Port hand-off contract with the server (``toolkit.launch_server``): for a command that is a toolkit
+Port hand-off contract with the server (``toolkit.process.bootstrap``): for a command that is a toolkit
 server, the parent binds and listens on the port itself and the child inherits that listening
 socket; its file descriptor number is in the environment variable named by ``LISTEN_FD_ENV``.
 A server that finds the variable must serve on that socket (``socket.socket(fileno=fd)``) instead
@@ -42,7 +42,7 @@ import psutil
 import requests
 
 # The server reads the inherited listening socket's descriptor number from this variable.
-from toolkit.server_args import LISTEN_FD_ENV
+from toolkit.environment import LISTEN_FD_ENV
 
 LISTEN_FD_SERVERS: tuple[str, ...] = ("toolkit.launch_server",)
 """Command-line words that mark a command as a server honouring ``LISTEN_FD_ENV``.

@@ -1,7 +1,4 @@
-"""Model loading: our own packed forward for the families that matter, transformers otherwise."""
+"""The models: one packed forward per family, the family registry, and the transformers fallback.
 
-from __future__ import annotations
-
-from toolkit.models.loader import LoadedModel, load_model
-
-__all__ = ["LoadedModel", "load_model"]
+This package's `__init__` imports nothing, so that the torch-free request side can read the
+family registry (`toolkit.models.registry`) without importing torch."""

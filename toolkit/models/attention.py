@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from toolkit.packing import PackedBatch
+from toolkit.models.packed_batch import PackedBatch
 
 logger = logging.getLogger(__name__)
 

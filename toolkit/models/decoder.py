@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.models.attention import packed_attention
+from toolkit.models.base import SINGLE_TOKEN_MODES
 from toolkit.models.layers import uninitialized_embedding
-from toolkit.packing import PackedBatch
-from toolkit.pooling import SINGLE_TOKEN_MODES
+from toolkit.models.packed_batch import PackedBatch
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ from typing import Any
 
 import torch
 
-from toolkit.models.loader import LoadedModel
-from toolkit.packing import PackedBatch
+from toolkit.models.base import LoadedModel
+from toolkit.models.packed_batch import PackedBatch
 
 
 def load_transformers_model(
     model_dir: Path, hf: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> LoadedModel:
-    from transformers import AutoModel
+    from transformers import AutoModel  # imported only when a model needs it: it takes seconds
 
     model = AutoModel.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
     pad_id = int(hf.get("pad_token_id") or 0)

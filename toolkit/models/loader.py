@@ -8,50 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
 from tqdm import tqdm
 
 from toolkit.errors import ModelLoadError
+from toolkit.models.base import LoadedModel
 from toolkit.models.decoder import Decoder, DecoderConfig, decoder_state_dict
 from toolkit.models.encoder import Encoder, EncoderConfig, encoder_state_dict
+from toolkit.models.hf_fallback import load_transformers_model
+from toolkit.models.registry import family_of
 from toolkit.models.short_batch_linear import pack_linear_weights
-from toolkit.packing import PackedBatch
 
 logger = logging.getLogger(__name__)
-
-ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "mpnet"})
-DECODER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-
-@dataclass
-class LoadedModel:
-    """A model that maps a PackedBatch to packed hidden states [T, D].
-
-    `forward(batch, rows)` with rows (one token per sequence, for a pooling mode in
-    `row_pooling_modes`) returns just those tokens' states [B, D], and spares the last layer
-    the work on all others.
-    """
-
-    forward: Callable[[PackedBatch, torch.Tensor | None], torch.Tensor]
-    module: nn.Module
-    hidden_size: int
-    max_input_tokens: int
-    implementation: str  # "native" or "transformers"
-    # Measured on an H100 (benchmarks/profile_forward.py): torch.compile of the layer blocks
-    # makes gte-Qwen2-1.5B 45% faster. Encoders compile only their add + LayerNorm steps (9 % less
-    # GPU time for BERT-base), which pays off only when CUDA graphs replay them: launched one by
-    # one, the compiled functions' guards cost more host time than the fusion saves (a lone
-    # 8-token input took 11.3 ms instead of 4.6).
-    compile_pays_off: bool = False
-    compile_needs_graphs: bool = False
-    row_pooling_modes: frozenset[str] = frozenset()
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -65,15 +37,13 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     hf = read_hf_config(model_dir)
     model_type = hf.get("model_type", "")
-    if model_type in ENCODER_TYPES or model_type in DECODER_TYPES:
+    if family_of(model_type) is not None:
         return _load_native(model_dir, hf, device, dtype)
     logger.warning(
         "No packed implementation for model_type=%r: falling back to transformers.AutoModel "
         "with padded batches.",
         model_type,
     )
-    from toolkit.models.hf_fallback import load_transformers_model
-
     return load_transformers_model(model_dir, hf, device, dtype)
 
 
@@ -81,7 +51,8 @@ def _load_native(
     model_dir: Path, hf: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> LoadedModel:
     module: Encoder | Decoder
-    if hf["model_type"] in ENCODER_TYPES:
+    encoder = family_of(hf["model_type"]) == "encoder"
+    if encoder:
         enc_cfg = EncoderConfig.from_hf(hf)
         weights = _strip_prefix(_read_safetensors(model_dir), "embeddings.word_embeddings.weight")
         with torch.device("meta"):
@@ -106,7 +77,7 @@ def _load_native(
         max_input_tokens=max_tokens,
         implementation="native",
         compile_pays_off=True,
-        compile_needs_graphs=hf["model_type"] in ENCODER_TYPES,
+        compile_needs_graphs=encoder,
         row_pooling_modes=module.row_pooling_modes,
     )
 

@@ -1,0 +1,92 @@
+"""Between JSON and the service: parse a request body into its schema, sort its inputs into a
+service request, and shape the service's result as each route answers it."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, TypeVar
+
+import numpy as np
+import orjson
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from toolkit.api.observability import new_id
+from toolkit.api.schemas import EmbeddingRequest, EncodeRequest
+from toolkit.errors import InvalidRequestError
+from toolkit.service.inference import EmbedRequest, EmbedResult
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def parse_body(request: Request, schema: type[Body]) -> Body:
+    """Parse the body as JSON whatever its Content-Type (curl -d sends form encoding by default)."""
+    raw = await request.body()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def json_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI description of a JSON body that the route parses itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema.model_json_schema()}},
+        }
+    }
+
+
+def embed_request(raw: Any, body: EmbeddingRequest | EncodeRequest, param: str = "input") -> EmbedRequest:
+    """Sort the four input forms into texts or token-id lists."""
+    options: dict[str, Any] = {
+        "param": param,
+        "dimensions": body.dimensions,
+        "prompt": body.prompt,
+        "prompt_name": body.prompt_name,
+        "truncate": body.truncate,
+        "truncation_side": body.truncation_side,
+    }
+    if is_single_input(raw):
+        return (
+            EmbedRequest(texts=[raw], **options)
+            if isinstance(raw, str)
+            else EmbedRequest(token_ids=[raw], **options)
+        )
+    if raw and isinstance(raw[0], list):
+        return EmbedRequest(token_ids=raw, **options)
+    return EmbedRequest(texts=raw, **options)
+
+
+def is_single_input(raw: Any) -> bool:
+    """One text or one token-id list, as opposed to a list of them."""
+    return isinstance(raw, str) or bool(raw and isinstance(raw[0], int))
+
+
+def embeddings_data(result: EmbedResult, as_base64: bool) -> list[dict[str, Any]]:
+    """OpenAI's `data`: one embedding object per input, in order."""
+    return [
+        {"object": "embedding", "index": i, "embedding": _as_base64(row) if as_base64 else row}
+        for i, row in enumerate(result.embeddings)
+    ]
+
+
+def encode_items(result: EmbedResult) -> list[dict[str, Any]]:
+    """SGLang's /encode answer: each embedding with its meta info."""
+    return [
+        {
+            "embedding": row,
+            "meta_info": {"id": new_id(), "prompt_tokens": count, "finish_reason": None},
+        }
+        for row, count in zip(result.embeddings, result.token_counts, strict=True)
+    ]
+
+
+def _as_base64(row: np.ndarray) -> str:
+    return base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode("ascii")

@@ -1,0 +1,130 @@
+"""The routes: they only translate between HTTP and the service. Validation lives in the schemas
+and the service, errors in `toolkit.api.errors`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.params import Depends
+from fastapi.responses import Response
+
+from toolkit.api.bodies import (
+    embed_request,
+    embeddings_data,
+    encode_items,
+    is_single_input,
+    json_body,
+    parse_body,
+)
+from toolkit.api.disconnect import cancel_on_disconnect
+from toolkit.api.metrics import EXPOSITION_CONTENT_TYPE
+from toolkit.api.observability import request_context
+from toolkit.api.responses import JSONResponse
+from toolkit.api.schemas import EmbeddingRequest, EncodeRequest
+from toolkit.api.state import ServerState
+from toolkit.errors import InvalidRequestError, ModelNotFoundError, ShuttingDownError
+from toolkit.service.inference import EmbedRequest, EmbedResult
+
+
+def add_info_routes(app: FastAPI, state: ServerState, authorized: list[Depends]) -> None:
+    """Readiness, the model card and details, metrics and the OpenAPI schema."""
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.admission.draining:
+            raise ShuttingDownError("the server is shutting down")
+        state.ready_service()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def list_models() -> Response:
+        return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+    @app.get("/get_model_info", dependencies=authorized)
+    async def model_info() -> Response:
+        return JSONResponse(_model_info(state))
+
+    @app.get("/metrics", dependencies=authorized, include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=EXPOSITION_CONTENT_TYPE)
+
+    @app.get("/openapi.json", dependencies=authorized, include_in_schema=False)
+    async def openapi() -> Response:
+        return JSONResponse(app.openapi())
+
+
+def add_embedding_routes(app: FastAPI, state: ServerState, authorized: list[Depends]) -> None:
+    """OpenAI's /v1/embeddings and SGLang's native /encode."""
+
+    @app.post("/v1/embeddings", dependencies=authorized, openapi_extra=json_body(EmbeddingRequest))
+    async def embeddings(request: Request) -> Response:
+        with state.admission.admit(request.client):
+            body = await parse_body(request, EmbeddingRequest)
+            if body.model is not None and body.model != state.args.model_name:
+                raise ModelNotFoundError(
+                    f"model {body.model!r} is not served here; this server serves {state.args.model_name!r}",
+                    param="model",
+                )
+            result = await _embed(state, request, embed_request(body.input, body))
+        data = embeddings_data(result, as_base64=body.encoding_format == "base64")
+        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        return JSONResponse({"object": "list", "data": data, "model": state.args.model_name, "usage": usage})
+
+    @app.post("/encode", dependencies=authorized, openapi_extra=json_body(EncodeRequest))
+    async def encode(request: Request) -> Response:
+        with state.admission.admit(request.client):
+            body = await parse_body(request, EncodeRequest)
+            if (body.text is None) == (body.input_ids is None):
+                raise InvalidRequestError("send exactly one of 'text' or 'input_ids'", param="text")
+            raw = body.text if body.text is not None else body.input_ids
+            param = "text" if body.text is not None else "input_ids"
+            result = await _embed(state, request, embed_request(raw, body, param=param))
+        items = encode_items(result)
+        return JSONResponse(items[0] if is_single_input(raw) else items)
+
+
+async def _embed(state: ServerState, request: Request, embed: EmbedRequest) -> EmbedResult:
+    """Run the service for an admitted request whose body is read, unless its client leaves first."""
+    context = request_context(request)
+    service = state.ready_service()
+    context.timing.service_called = time.perf_counter()
+    result = await cancel_on_disconnect(request.receive, service.embed(embed, context.timing))
+    context.timing.done = time.perf_counter()
+    context.inputs = len(result.token_counts)
+    context.tokens = result.prompt_tokens
+    return result
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    card: dict[str, Any] = {
+        "id": state.args.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "toolkit",
+        "root": state.model_path,
+    }
+    if state.service is not None:
+        card["max_model_len"] = state.service.limits.context_length
+    return card
+
+
+def _model_info(state: ServerState) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "model_path": state.model_path,
+        "tokenizer_path": state.tokenizer_path,
+        "is_generation": False,
+        "served_model_name": state.args.model_name,
+    }
+    service = state.service
+    if service is not None:
+        info |= {
+            "embedding_dim": service.embedding_dim,
+            "max_model_len": service.limits.context_length,
+            "pooling": list(service.spec.pooling_modes),
+            "normalize": service.spec.normalize,
+            "prompts": service.spec.prompts,
+            "matryoshka_dimensions": service.spec.matryoshka_dimensions,
+        }
+    return info

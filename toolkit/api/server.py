@@ -1,0 +1,48 @@
+"""Serve the HTTP app with uvicorn until SIGTERM (with its drain) or a fatal error."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import uvicorn
+
+from toolkit.api.app import create_app
+from toolkit.api.drain import DrainingServer
+from toolkit.api.state import ServerState
+from toolkit.server_args import ServerArgs
+from toolkit.service.inference import InferenceService
+from toolkit.service.model_files import ModelFiles
+
+# Builds the service once the socket is bound (in a worker thread); its argument is the function
+# to call should serving become impossible later (a front end's lost engine link).
+ServiceLoader = Callable[[Callable[[BaseException], None]], InferenceService]
+
+
+def serve_http(
+    args: ServerArgs, files: ModelFiles, load: ServiceLoader, sock: socket.socket | None = None
+) -> int:
+    """Serve on `sock` (else bind --host and --port) and return the exit code."""
+    state = ServerState(args=args, model_path=str(files.model_dir), tokenizer_path=str(files.tokenizer_dir))
+    exit_code = 0
+
+    def on_fatal(exc: BaseException) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        server.should_exit = True
+
+    app = create_app(state, lambda: load(on_fatal), on_fatal)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        log_level=args.log_level,
+        # toolkit.access logs each request once, with its inputs and tokens, and keeps probes
+        # at debug level; uvicorn's access log would repeat every line, probes included.
+        access_log=False,
+        timeout_graceful_shutdown=args.drain_timeout,
+    )
+    server = DrainingServer(config, state.admission, args.drain_timeout)
+    server.run(sockets=[sock] if sock is not None else None)
+    return exit_code

@@ -1,0 +1,14 @@
+"""Names of the environment variables through which toolkit's processes hand things to each other.
+
+The one module that `toolkit.utils` (in the user's kernel) shares with the server.
+"""
+
+from __future__ import annotations
+
+# `toolkit.utils.launch_server_cmd` binds the listening socket itself and passes its descriptor
+# number here, so the port cannot be taken by someone else before the server starts. A server
+# serves on that socket, marks it non-inheritable and drops the variable for its own children.
+LISTEN_FD_ENV = "TOOLKIT_LISTEN_FD"
+
+# How the engine process tells a front-end process where its Unix socket is.
+ENGINE_SOCKET_ENV = "TOOLKIT_ENGINE_SOCKET"

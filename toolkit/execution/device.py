@@ -1,0 +1,21 @@
+"""Which torch device and dtype a server runs on, from `--device` and `--dtype`."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        # Half precision on GPUs (bf16 keeps float32's range); exact float32 on CPUs.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype: torch.dtype = getattr(torch, requested)
+    return dtype

@@ -1,0 +1,172 @@
+"""A front end's link to the engine process: the engine's batcher as a `BatchQueue`.
+
+`RemoteBatcher` sends each request's token ids to the engine process over its Unix socket
+(`toolkit.scheduling.wire`), where `BatchServer` puts them in the one batcher shared by all front
+ends, and resolves the request's future with the rows that come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from toolkit.errors import ModelLoadError, ServiceUnavailableError
+from toolkit.scheduling import wire
+from toolkit.scheduling.timing import RequestTiming
+from toolkit.scheduling.work import WorkItem
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Waiting:
+    future: asyncio.Future[list[np.ndarray]]
+    timing: RequestTiming | None
+
+
+class RemoteBatcher:
+    """The engine's batcher as seen from a front end: the `BatchQueue` the front end's service
+    submits to. `on_batch` hears of every batch the engine runs, for any front end; the queue
+    counts are the engine's, as of its last batch."""
+
+    on_batch: Callable[[int, int, float], None] | None = None
+
+    def __init__(self, connected: socket.socket, on_lost: Callable[[BaseException], None]) -> None:
+        self._socket = connected
+        self._on_lost = on_lost
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, _Waiting] = {}
+        self._outbox: list[bytes] = []  # frames submitted before the connection's stream is up
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._open = True
+        self.queued_inputs = 0  # the engine's, as of its last BATCH report
+        self.queued_tokens = 0
+
+    @property
+    def alive(self) -> bool:
+        return self._open
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._receive(), name="engine-link")
+
+    async def close(self) -> None:
+        self._open = False
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.close()
+        self._fail_waiting(ServiceUnavailableError("the server is shutting down"))
+
+    def submit(
+        self, items: Sequence[WorkItem], timing: RequestTiming | None = None
+    ) -> asyncio.Future[list[np.ndarray]]:
+        if not self._open:
+            raise ServiceUnavailableError("the inference worker is not running")
+        future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
+        if not items:
+            future.set_result([])
+            return future
+        request_id = next(self._ids)
+        self._waiting[request_id] = _Waiting(future, timing)
+        self._send(wire.encode_submit(request_id, items))
+        if timing is not None:
+            timing.admitted = time.perf_counter()
+        future.add_done_callback(lambda done: self._settled(request_id, done))
+        return future
+
+    def _send(self, data: bytes) -> None:
+        if self._writer is None:
+            self._outbox.append(data)
+        else:
+            self._writer.write(data)
+
+    def _settled(self, request_id: int, future: asyncio.Future[list[np.ndarray]]) -> None:
+        waiting = self._waiting.pop(request_id, None)
+        if waiting is not None and future.cancelled() and self._open:
+            self._send(wire.frame(wire.CANCEL, request_id))  # the client left: the engine withdraws
+
+    async def _receive(self) -> None:
+        try:
+            reader, self._writer = await asyncio.open_unix_connection(sock=self._socket)
+            for data in self._outbox:
+                self._writer.write(data)
+            self._outbox.clear()
+            while True:
+                self._deliver(await wire.read_frame(reader))
+        except asyncio.CancelledError:
+            raise
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            lost: BaseException = exc
+        except Exception as exc:  # a malformed frame: the link cannot be trusted any more
+            logger.exception("the engine link failed")
+            lost = exc
+        self._open = False
+        logger.error("lost the engine process (%r): this front end stops", lost)
+        self._fail_waiting(ServiceUnavailableError("the inference worker is not running"))
+        self._on_lost(lost)
+
+    def _deliver(self, frame: wire.Frame) -> None:
+        if frame.kind == wire.BATCH:
+            self._take_report(wire.decode_batch(frame.body))
+            return
+        waiting = self._waiting.get(frame.request_id)
+        if waiting is None or waiting.future.done():
+            return  # answered after its client left
+        if frame.kind == wire.RESULT:
+            result = wire.decode_result(frame.body)
+            timing = waiting.timing
+            if timing is not None and timing.admitted is not None:
+                # The engine's own queue time; "inference" then also holds both socket hops.
+                timing.batched = timing.admitted + result.queue_s
+            waiting.future.set_result(result.rows)
+        elif frame.kind == wire.ERROR:
+            waiting.future.set_exception(wire.decode_error(frame.body))
+
+    def _take_report(self, report: wire.BatchReport) -> None:
+        self.queued_inputs, self.queued_tokens = report.queued_inputs, report.queued_tokens
+        if self.on_batch is not None:
+            self.on_batch(report.inputs, report.tokens, report.seconds)
+
+    def _fail_waiting(self, error: Exception) -> None:
+        for waiting in list(self._waiting.values()):
+            if not waiting.future.done():
+                waiting.future.set_exception(error)
+
+
+def connect_to_engine(path: str) -> tuple[socket.socket, dict[str, object]]:
+    """Connect and wait (blocking) for the engine's HELLO, which comes once its model is loaded."""
+    link = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        link.connect(path)
+    except OSError as exc:
+        link.close()
+        raise ModelLoadError(f"cannot reach the engine process at {path}: {exc}") from exc
+    header = _receive_exactly(link, wire.HEADER.size)
+    length, kind, _ = wire.HEADER.unpack(header)
+    body = _receive_exactly(link, length)
+    if kind != wire.HELLO:
+        raise ModelLoadError(f"the engine process opened with frame kind {kind!r}, not HELLO")
+    return link, wire.decode_hello(body)
+
+
+def _receive_exactly(link: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        try:
+            chunk = link.recv(left)
+        except OSError:  # reset: the engine closed its socket (a failed load, a stop)
+            chunk = b""
+        if not chunk:
+            raise ModelLoadError("the engine process exited before it was ready")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)

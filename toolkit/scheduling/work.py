@@ -1,0 +1,54 @@
+"""The unit of work between the request side and the device side, and the queue that takes it.
+
+`toolkit.service` turns a request into `WorkItem`s and submits them to a `BatchQueue`: the
+in-process `Batcher`, or a front end's `RemoteBatcher` that forwards them to the engine process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from toolkit.scheduling.timing import RequestTiming
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One input: its token ids and how many leading (prompt) tokens pooling must skip.
+    The ids are a list, or an int32 array when they came from a front-end process."""
+
+    token_ids: Sequence[int] | np.ndarray
+    pool_start: int = 0
+
+
+ItemResult = np.ndarray | BaseException
+
+
+class BatchQueue(Protocol):
+    """What the engine submits inputs to: the in-process `Batcher`, or a front end's
+    `RemoteBatcher` that forwards them to the engine process."""
+
+    on_batch: Callable[[int, int, float], None] | None
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def queued_inputs(self) -> int: ...
+
+    @property
+    def queued_tokens(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None:
+        """Stop taking work, fail what is still queued, release the device (or connection)."""
+
+    def submit(
+        self, items: Sequence[WorkItem], timing: RequestTiming | None = None
+    ) -> asyncio.Future[list[np.ndarray]]: ...

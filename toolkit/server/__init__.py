@@ -1,1 +1,0 @@
-"""The HTTP layer: FastAPI routes, request schemas and the one error handler."""

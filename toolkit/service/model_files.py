@@ -1,0 +1,43 @@
+"""Find a model and read the files the request side needs: its spec and its tokenizer.
+
+Quick and torch-free, so it runs before the server binds (a missing model is one clear error line
+and a non-zero exit) and in every front-end process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from toolkit.errors import ModelLoadError
+from toolkit.service.model_source import resolve_model_dir
+from toolkit.service.model_spec import EmbeddingSpec, read_embedding_spec
+from toolkit.service.tokenization import TextTokenizer
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    model_dir: Path
+    tokenizer_dir: Path
+    spec: EmbeddingSpec
+    tokenizer: TextTokenizer
+
+
+def read_model_files(
+    model_path: str | None,
+    tokenizer_path: str | None = None,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+) -> ModelFiles:
+    """Resolve the model and read its configuration and tokenizer; `pooling` and `normalize`
+    override the model's own. Raises ModelLoadError."""
+    model_dir = resolve_model_dir(model_path)
+    if not (model_dir / "config.json").is_file() and not (model_dir / "modules.json").is_file():
+        raise ModelLoadError(f"{model_dir} holds neither config.json nor modules.json")
+    spec = read_embedding_spec(model_dir)
+    if pooling is not None:
+        spec = replace(spec, pooling_modes=(pooling,))
+    if normalize is not None:
+        spec = replace(spec, normalize=normalize)
+    tokenizer_dir = resolve_model_dir(tokenizer_path) if tokenizer_path else spec.transformer_dir
+    return ModelFiles(model_dir, tokenizer_dir, spec, TextTokenizer.from_dir(tokenizer_dir))

@@ -1,0 +1,136 @@
+"""How a model turns token states into an embedding, read from its sentence-transformers files.
+
+`modules.json` names the Transformer, Pooling and Normalize modules; `1_Pooling/config.json` the
+pooling; `sentence_bert_config.json` the max length and lower-casing;
+`config_sentence_transformers.json` the prompts. A plain transformers checkpoint without these
+files gets sentence-transformers' own defaults for such a model, with last-token pooling for
+decoders (the convention of every decoder embedder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ModelLoadError
+from toolkit.models.registry import family_of
+
+logger = logging.getLogger(__name__)
+
+POOLING_MODES = ("cls", "mean", "lasttoken", "max", "mean_sqrt_len_tokens", "weightedmean")
+
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+_IGNORED_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    transformer_dir: Path
+    pooling_modes: tuple[str, ...]
+    include_prompt: bool = True
+    normalize: bool = True
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    matryoshka_dimensions: tuple[int, ...] | None = None
+
+
+def _read_json(path: Path) -> dict[str, Any] | list[Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data: dict[str, Any] | list[Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    return data
+
+
+def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
+    modules = _read_json(model_dir / "modules.json")
+    if not isinstance(modules, list):
+        return _spec_without_st_files(model_dir)
+    by_kind = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules}
+    unknown = [kind for kind in by_kind if kind not in _IGNORED_MODULES]
+    if unknown:
+        raise ModelLoadError(f"unsupported sentence-transformers modules in {model_dir}: {unknown}")
+    transformer_dir = model_dir / by_kind.get("Transformer", {}).get("path", "")
+    pooling_cfg: dict[str, Any] = {}
+    if "Pooling" in by_kind:
+        loaded = _read_json(model_dir / by_kind["Pooling"].get("path", "1_Pooling") / "config.json")
+        pooling_cfg = loaded if isinstance(loaded, dict) else {}
+    st_cfg = _dict_or_empty(_read_json(model_dir / "config_sentence_transformers.json"))
+    bert_cfg = _dict_or_empty(_read_json(transformer_dir / "sentence_bert_config.json"))
+    if not bert_cfg:
+        bert_cfg = _dict_or_empty(_read_json(model_dir / "sentence_bert_config.json"))
+    hf_cfg = _dict_or_empty(_read_json(transformer_dir / "config.json"))
+    return EmbeddingSpec(
+        transformer_dir=transformer_dir,
+        pooling_modes=_pooling_modes(pooling_cfg, hf_cfg),
+        include_prompt=bool(pooling_cfg.get("include_prompt", True)),
+        normalize="Normalize" in by_kind,
+        max_seq_length=bert_cfg.get("max_seq_length"),
+        do_lower_case=bool(bert_cfg.get("do_lower_case", False)),
+        prompts=dict(st_cfg.get("prompts") or {}),
+        default_prompt_name=st_cfg.get("default_prompt_name"),
+        matryoshka_dimensions=_matryoshka(hf_cfg, st_cfg),
+    )
+
+
+def _dict_or_empty(data: dict[str, Any] | list[Any] | None) -> dict[str, Any]:
+    return data if isinstance(data, dict) else {}
+
+
+def _pooling_modes(pooling_cfg: dict[str, Any], hf_cfg: dict[str, Any]) -> tuple[str, ...]:
+    mode = pooling_cfg.get("pooling_mode")
+    if isinstance(mode, str):
+        modes: tuple[str, ...] = (mode,)
+    elif isinstance(mode, list):
+        modes = tuple(mode)
+    else:
+        modes = tuple(name for key, name in _LEGACY_POOLING_KEYS.items() if pooling_cfg.get(key))
+    if not modes:
+        modes = _default_pooling(hf_cfg)
+    bad = [m for m in modes if m not in POOLING_MODES]
+    if bad:
+        raise ModelLoadError(f"unknown pooling mode(s) {bad}; known: {list(POOLING_MODES)}")
+    return modes
+
+
+def _default_pooling(hf_cfg: dict[str, Any]) -> tuple[str, ...]:
+    is_decoder = family_of(hf_cfg.get("model_type")) == "decoder"
+    return ("lasttoken",) if is_decoder else ("mean",)
+
+
+def _spec_without_st_files(model_dir: Path) -> EmbeddingSpec:
+    hf_cfg = _dict_or_empty(_read_json(model_dir / "config.json"))
+    modes = _default_pooling(hf_cfg)
+    logger.info(
+        "No sentence-transformers files in %s: using %s pooling and L2 normalization.",
+        model_dir,
+        modes[0],
+    )
+    return EmbeddingSpec(
+        transformer_dir=model_dir,
+        pooling_modes=modes,
+        normalize=True,
+        matryoshka_dimensions=_matryoshka(hf_cfg, {}),
+    )
+
+
+def _matryoshka(hf_cfg: dict[str, Any], st_cfg: dict[str, Any]) -> tuple[int, ...] | None:
+    for cfg in (st_cfg, hf_cfg):
+        dims = cfg.get("matryoshka_dimensions")
+        if isinstance(dims, list) and dims and all(isinstance(d, int) for d in dims):
+            return tuple(sorted(dims))
+    return None

@@ -1,0 +1,79 @@
+"""Text to token ids with the model's own fast tokenizer (`tokenizer.json`), without transformers.
+
+Special tokens are added exactly as the tokenizer's post-processor defines them. Padding and
+truncation settings saved in tokenizer.json are cleared: the service decides about length itself,
+so that an over-long input is an error unless the client asked for truncation.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+from tokenizers import Encoding, Tokenizer
+
+from toolkit.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._plain = tokenizer
+        self._truncating: dict[tuple[str, int], Tokenizer] = {}
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> TextTokenizer:
+        path = directory / "tokenizer.json"
+        if path.is_file():
+            return cls(Tokenizer.from_file(str(path)))
+        # Only slow-tokenizer files: let transformers convert them to a fast tokenizer once.
+        logger.info("No tokenizer.json in %s: converting with transformers.", directory)
+        try:
+            from transformers import AutoTokenizer  # only for such a model: it imports torch
+
+            converted = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+            return cls(Tokenizer.from_str(converted.backend_tokenizer.to_str()))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load a tokenizer from {directory}: {exc}") from exc
+
+    @cached_property
+    def vocab_size(self) -> int:
+        """Number of valid token ids (added tokens included)."""
+        return int(self._plain.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with special tokens, no truncation."""
+        return [e.ids for e in self._encode_batch(self._plain, texts)]
+
+    def encode_truncated(self, texts: list[str], max_length: int, side: str) -> list[list[int]]:
+        """Token ids cut to `max_length`, special tokens kept, cutting from `side`."""
+        tokenizer = self._truncating.get((side, max_length))
+        if tokenizer is None:
+            tokenizer = Tokenizer.from_str(self._plain.to_str())
+            tokenizer.enable_truncation(max_length, direction=side)
+            self._truncating[(side, max_length)] = tokenizer
+        return [e.ids for e in self._encode_batch(tokenizer, texts)]
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens the prompt occupies at the start of an input, as sentence-transformers counts:
+        the prompt's own encoding, without a trailing special token (EOS/SEP) it would not keep."""
+        return _prompt_length(self._plain, prompt)
+
+    @staticmethod
+    def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[Encoding]:
+        # encode_batch runs in Rust threads and releases the GIL.
+        encodings: list[Encoding] = tokenizer.encode_batch(texts, add_special_tokens=True)
+        return encodings
+
+
+@lru_cache(maxsize=64)
+def _prompt_length(tokenizer: Tokenizer, prompt: str) -> int:
+    encoding = tokenizer.encode(prompt, add_special_tokens=True)
+    length = len(encoding.ids)
+    if length and encoding.special_tokens_mask[-1]:
+        length -= 1
+    return length
