@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from toolkit.environment import LISTEN_FD_ENV
 from toolkit.service.model_spec import POOLING_MODES
@@ -101,12 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m toolkit.launch_server",
         description="Serve an embedding model over an OpenAI-compatible HTTP API.",
     )
-    add = parser.add_argument
+    _model_flags(parser.add_argument)
+    _http_flags(parser.add_argument)
+    _limit_flags(parser.add_argument)
+    _performance_flags(parser.add_argument)
+    return parser
+
+
+def _model_flags(add: Callable[..., Any]) -> None:
     add("--model-path", help="local directory or Hugging Face id; default: bundled all-MiniLM-L6-v2")
     add("--tokenizer-path", help="tokenizer directory when it differs from the model's")
     add("--served-model-name", help="the `model` id clients send (default: --model-path)")
-    add("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    add("--port", type=int, default=30000)
     add(
         "--is-embedding",
         action="store_true",
@@ -116,8 +122,45 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--context-length", type=_positive_int, help="max tokens per input (default: the model's)")
+    add("--pooling", choices=POOLING_MODES, help="override the model's pooling")
+    add("--normalize", action=argparse.BooleanOptionalAction, default=None)
+    add("--default-prompt-name", help="a key of the model's prompts applied when none is asked")
+    add(
+        "--truncate",
+        action="store_true",
+        help="truncate over-long inputs instead of rejecting them (per request: `truncate`)",
+    )
+    add("--truncation-side", default="right", choices=["left", "right"])
+
+
+def _http_flags(add: Callable[..., Any]) -> None:
+    add("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    add("--port", type=int, default=30000)
     add("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add(
+        "--drain-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds that SIGTERM waits for admitted requests to finish before exiting",
+    )
+    add(
+        "--cors-allow-origins",
+        type=_origins,
+        default=(),
+        help="comma-separated origins that browsers may call from ('*' for any); default: CORS off",
+    )
+    add(
+        "--http-workers",
+        type=_non_negative_int,
+        default=0,
+        help="serve HTTP from N processes of their own that send token ids to this one (for small "
+        "models on fast GPUs, where one process's HTTP work limits throughput); default 0: "
+        "HTTP in this process",
+    )
+
+
+def _limit_flags(add: Callable[..., Any]) -> None:
     add(
         "--max-batch-tokens",
         type=_positive_int,
@@ -143,27 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens of all inputs of one request together, as OpenAI caps them; beyond it 400",
     )
     add("--max-request-bytes", type=_positive_int, default=128 * 1024 * 1024, help="beyond it 413")
-    add(
-        "--drain-timeout",
-        type=_positive_float,
-        default=30.0,
-        help="seconds that SIGTERM waits for admitted requests to finish before exiting",
-    )
-    add(
-        "--cors-allow-origins",
-        type=_origins,
-        default=(),
-        help="comma-separated origins that browsers may call from ('*' for any); default: CORS off",
-    )
-    add("--pooling", choices=POOLING_MODES, help="override the model's pooling")
-    add("--normalize", action=argparse.BooleanOptionalAction, default=None)
-    add("--default-prompt-name", help="a key of the model's prompts applied when none is asked")
-    add(
-        "--truncate",
-        action="store_true",
-        help="truncate over-long inputs instead of rejecting them (per request: `truncate`)",
-    )
-    add("--truncation-side", default="right", choices=["left", "right"])
+
+
+def _performance_flags(add: Callable[..., Any]) -> None:
     add("--no-warmup", dest="warmup", action="store_false", help="skip the start-up warm-up")
     add(
         "--compile",
@@ -179,14 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay CUDA graphs of recurring batch shapes, padded to buckets (CUDA only; default on)",
     )
     add(
-        "--http-workers",
-        type=_non_negative_int,
-        default=0,
-        help="serve HTTP from N processes of their own that send token ids to this one (for small "
-        "models on fast GPUs, where one process's HTTP work limits throughput); default 0: "
-        "HTTP in this process",
-    )
-    add(
         "--cpu-workers",
         type=_positive_int,
         default=None,
@@ -194,4 +211,3 @@ def build_parser() -> argparse.ArgumentParser:
         "2-core machine, else 1: more serve more at load, but a lone input that cannot be split "
         "runs on one worker's share); ignored on CUDA",
     )
-    return parser

@@ -22,12 +22,10 @@ and serving on it, and early clients queue in the socket's backlog instead of be
 
 from __future__ import annotations
 
-import contextlib
 import html
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -38,11 +36,11 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-import psutil
 import requests
 
 # The server reads the inherited listening socket's descriptor number from this variable.
 from toolkit.environment import LISTEN_FD_ENV
+from toolkit.process_tree import bound_socket, owned_group, stop_tree, wait_port_free
 
 LISTEN_FD_SERVERS: tuple[str, ...] = ("toolkit.launch_server",)
 """Command-line words that mark a command as a server honouring ``LISTEN_FD_ENV``.
@@ -111,35 +109,10 @@ def launch_server_cmd(
     chosen_port: int = listener.getsockname()[1]
     argv += ["--port", str(chosen_port)]
 
-    env = os.environ.copy()
-    env.pop(LISTEN_FD_ENV, None)
-    # Python children buffer a piped stdout in blocks; unbuffered, the log streams as it happens
-    # and the last lines before a crash are not lost.
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(env_updates)
-    pass_fds: tuple[int, ...] = ()
-    if any(word in LISTEN_FD_SERVERS for word in argv):
-        env[LISTEN_FD_ENV] = str(listener.fileno())
-        pass_fds = (listener.fileno(),)
-    else:
-        # A foreign server binds the port itself: release it as late as possible.
-        listener.close()
     try:
-        process = subprocess.Popen(
-            argv,
-            env=env,
-            pass_fds=pass_fds,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
+        process = _start_child(argv, env_updates, listener)
     finally:
         listener.close()
-
     launch = _Launch(process=process, host=bind_host, port=chosen_port)
     assert process.stdout is not None
     launch.reader = threading.Thread(
@@ -223,22 +196,47 @@ def terminate_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> 
     ``timeout``; TimeoutError otherwise). Calling it again, or on an exited process, is harmless.
     """
     launch = _launch_of(process)
-    group = _owned_group(process, launch)
-    members = _tree_members(process, group)
-    _signal_tree(process, group, members, signal.SIGTERM)
-    if not _wait_gone(process, members, time.monotonic() + timeout):
-        _signal_tree(process, group, members, signal.SIGKILL)
-        _wait_gone(process, members, time.monotonic() + _KILL_WAIT_S)
-    process.wait(timeout=_KILL_WAIT_S)
+    stop_tree(process, owned_group(process, launch is not None), timeout)
     if launch is None:
         return
     if launch.reader is not None:
         launch.reader.join(timeout=_KILL_WAIT_S)
-    _wait_port_free(launch.host, launch.port, timeout)
+    wait_port_free(launch.host, launch.port, timeout)
     _LAUNCHES.pop(process.pid, None)
 
 
 # --- launching ------------------------------------------------------------------------------
+
+
+def _start_child(
+    argv: list[str], env_updates: dict[str, str], listener: socket.socket
+) -> subprocess.Popen[str]:
+    """Start argv in a session of its own, its output piped; a toolkit server inherits `listener`."""
+    env = os.environ.copy()
+    env.pop(LISTEN_FD_ENV, None)
+    # Python children buffer a piped stdout in blocks; unbuffered, the log streams as it happens
+    # and the last lines before a crash are not lost.
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(env_updates)
+    pass_fds: tuple[int, ...] = ()
+    if any(word in LISTEN_FD_SERVERS for word in argv):
+        env[LISTEN_FD_ENV] = str(listener.fileno())
+        pass_fds = (listener.fileno(),)
+    else:
+        # A foreign server binds the port itself: release it as late as possible.
+        listener.close()
+    return subprocess.Popen(
+        argv,
+        env=env,
+        pass_fds=pass_fds,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
 
 
 def _split_command(command: str) -> tuple[dict[str, str], list[str]]:
@@ -264,27 +262,10 @@ def _option_value(argv: list[str], option: str) -> str | None:
     return value
 
 
-def _bound_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port) the way servers bind; port 0 picks a free port."""
-    family, _, _, _, sockaddr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        # SO_REUSEADDR as servers set it: TIME_WAIT leftovers of an earlier server don't count as
-        # "in use", a listening socket does.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def _reserve_port(host: str, port: int) -> socket.socket:
     """A socket listening on (host, port), so nobody else can take the port."""
     try:
-        sock = _bound_socket(host, port)
+        sock = bound_socket(host, port)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot reserve port {port} on {host}: {exc.strerror}") from exc
     sock.listen(socket.SOMAXCONN)
@@ -413,90 +394,3 @@ def _stdout_wants_color() -> bool:
         return sys.stdout.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-# --- terminating ----------------------------------------------------------------------------
-
-
-def _owned_group(process: subprocess.Popen[Any], launch: _Launch | None) -> int | None:
-    """The process group to signal, only when the process leads a group other than ours."""
-    if launch is not None:
-        # start_new_session made the child a group leader; the group outlives the leader while
-        # orphaned grandchildren remain in it.
-        return process.pid
-    if process.poll() is not None:
-        return None
-    try:
-        group = os.getpgid(process.pid)
-    except ProcessLookupError:
-        return None
-    return group if group == process.pid and group != os.getpgrp() else None
-
-
-def _tree_members(process: subprocess.Popen[Any], group: int | None) -> list[psutil.Process]:
-    """Descendants of the process plus the members of its group, excluding the process itself."""
-    members: dict[int, psutil.Process] = {}
-    if process.poll() is None:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for child in psutil.Process(process.pid).children(recursive=True):
-                members[child.pid] = child
-    if group is not None:
-        for pid in psutil.pids():
-            if pid == process.pid or pid in members:
-                continue
-            try:
-                if os.getpgid(pid) == group:
-                    members[pid] = psutil.Process(pid)
-            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-                continue
-    return list(members.values())
-
-
-def _signal_tree(
-    process: subprocess.Popen[Any],
-    group: int | None,
-    members: list[psutil.Process],
-    sig: signal.Signals,
-) -> None:
-    if group is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, sig)
-    for member in members:
-        # psutil checks the pid still names the process we collected, not a reused pid.
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            member.send_signal(sig)
-    if process.poll() is None:
-        process.send_signal(sig)
-
-
-def _is_alive(member: psutil.Process) -> bool:
-    try:
-        # A zombie is dead for our purposes: only its parent (or init) can reap it.
-        return member.is_running() and member.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _wait_gone(process: subprocess.Popen[Any], members: list[psutil.Process], deadline: float) -> bool:
-    delay = 0.01
-    while process.poll() is None or any(_is_alive(m) for m in members):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-    return True
-
-
-def _wait_port_free(host: str, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        try:
-            _bound_socket(host, port).close()
-            return
-        except OSError:
-            if time.monotonic() >= deadline:
-                message = f"port {port} on {host} still in use {timeout:g} s after exit"
-                raise TimeoutError(message) from None
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)

@@ -36,7 +36,11 @@ class Metrics:
         # switch is process-wide, and this process is the server.
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
-        registry = self.registry
+        self._add_request_metrics(self.registry)
+        self._add_batch_metrics(self.registry)
+        self._add_gauges(self.registry)
+
+    def _add_request_metrics(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "toolkit_requests",
             "HTTP requests answered, by route and status (499: the client went away first).",
@@ -74,6 +78,8 @@ class Metrics:
         self.tokens = Counter(
             "toolkit_prompt_tokens", "Tokens embedded (usage.prompt_tokens).", registry=registry
         )
+
+    def _add_batch_metrics(self, registry: CollectorRegistry) -> None:
         self.batch_inputs = Histogram(
             "toolkit_batch_inputs", "Inputs per batch.", buckets=_POWERS_OF_TWO, registry=registry
         )
@@ -86,6 +92,8 @@ class Metrics:
             buckets=_SECONDS,
             registry=registry,
         )
+
+    def _add_gauges(self, registry: CollectorRegistry) -> None:
         self.queue_inputs = Gauge("toolkit_queue_inputs", "Inputs waiting for a batch.", registry=registry)
         self.queue_tokens = Gauge("toolkit_queue_tokens", "Tokens waiting for a batch.", registry=registry)
         self.in_flight = Gauge(
