@@ -80,9 +80,7 @@ def compiled_add_layer_norm() -> Callable[..., torch.Tensor]:
 
 
 # In place: the MLP's first product returns a fresh tensor that nothing else reads, and writing
-# the activation over it spares a second [T, intermediate] buffer. On the 2-core CPU, two
-# single-core MiniLM forwards side by side (1,000-token batches) embedded 3.8 % more tokens/s
-# (eight alternating rounds, in-process); the buffer was some 6 MB per layer, past the caches.
+# the activation over it spares a second [T, intermediate] buffer, which lies past the caches.
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": lambda x: torch.ops.aten.gelu_(x),
     "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
@@ -126,10 +124,9 @@ class EncoderLayer(nn.Module):
     add_norm = staticmethod(add_layer_norm)
 
     def compile_blocks(self) -> None:
-        # Only each residual add with its LayerNorm: one fused pass instead of two (on an H100 a
-        # 32k-token BERT-base batch spent 2.7 ms of its 14.4 in those, 1.3 ms fused). Compiling
-        # the whole block instead made its GELU slower than eager's (2.6 against 1.6 ms), and
-        # the matrix products are cuBLAS's either way.
+        # Only each residual add with its LayerNorm: one fused pass instead of two. Compiling the
+        # whole block made its GELU slower than eager's, and the products are cuBLAS's either
+        # way (docs/performance.md, "torch.compile").
         self.add_norm = compiled_add_layer_norm()  # type: ignore[method-assign]
 
 

@@ -1,19 +1,17 @@
 """Linear layers that keep short CPU batches fast where oneDNN with packed weights beats MKL.
 
-torch's CPU `linear` goes to MKL's sgemm. On a 2-core EPYC (this project's machines), MKL
-repacks the weight on every call and barely uses the second core for a few rows, so a lone
-short text spent most of its forward repacking: MiniLM's 24 products over 6 rows took 6.5 ms
-on 2 cores, against 3.0 ms through oneDNN with weights packed in advance, and its whole
-6-token forward 8.5 ms against 6.3 ms (fp32, in-process). On a 16-core Xeon the same swap
-made a lone short request slower (6.1-6.9 against 3.4-3.7 ms), so whether it pays is measured
-at load, on the thread and thread count that serve a lone batch (`packed_products_pay_off`).
+torch's CPU `linear` goes to MKL's sgemm, which repacks the weight on every call and, on a few
+rows, barely uses a second core: a lone short text can spend most of its forward repacking. A copy
+of each weight packed once for oneDNN avoids that on some CPUs and loses on others, so whether it
+pays is measured at load, on the thread and thread count that serve a lone batch
+(`packed_products_pay_off`). Figures: docs/performance.md ("Short batches on the CPU").
 
-Only batches of up to `PACKED_MAX_ROWS` rows (packed tokens) take the packed copy: at 64 rows
-the two are even on one thread (oneDNN still leads on two), at 256 on both, and MKL is a few
-per cent faster on thousands; and oneDNN builds a kernel for every new row count, weight shape
-and thread count (about 1 ms each, once; its cache holds 1024). The copy doubles the memory of
-the linear weights, so only models whose linear weights fit `PACKED_MAX_BYTES` get one.
-Packing comes last: the copy does not follow a later `.to()` or an in-place change of the weight.
+Only batches of up to `PACKED_MAX_ROWS` rows (packed tokens) take the packed copy: beyond a few
+dozen rows MKL catches up. oneDNN builds a kernel for every new row count, weight shape and
+thread count (once; its cache holds 1024), which `toolkit.execution.kernel_builder` does ahead of
+requests. The copy doubles the memory of the linear weights, so only models whose linear weights
+fit `PACKED_MAX_BYTES` get one. Packing comes last: the copy does not follow a later `.to()` or an
+in-place change of the weight.
 """
 
 from __future__ import annotations
@@ -88,7 +86,7 @@ def pack_linear_weights(module: nn.Module) -> bool:
 
 def packed_products_pay_off(layers: list[ShortBatchLinear], rounds: int = 3) -> bool:
     """Whether the layers' packed products over a short batch take at most
-    `PACKED_MAX_TIME_SHARE` of MKL's time (best of `rounds`, alternating; some 50 ms for MiniLM)."""
+    `PACKED_MAX_TIME_SHARE` of MKL's time (best of `rounds`, alternating)."""
     inputs = {layer.in_features: torch.randn(CALIBRATION_ROWS, layer.in_features) for layer in layers}
     _time_products(layers, inputs, packed=True)  # builds oneDNN's kernels for this row count
     best = {True: math.inf, False: math.inf}
