@@ -1,4 +1,6 @@
-"""The HTTP contract, in process, on the bundled model: OpenAI's embeddings API and native routes."""
+"""The HTTP contract, in process: OpenAI's embeddings API and the native routes, with the bundled
+model's tokenizer over a fake batch queue (no torch, no weights; the model's own vectors are the
+fidelity tests' business)."""
 
 from __future__ import annotations
 
@@ -7,56 +9,38 @@ import base64
 import numpy as np
 import pytest
 
+from tests.helpers.api_calls import assert_openai_error, embed, vectors
 from toolkit.server_args import DEFAULT_MODEL_NAME
 
 TEXTS = ["Once upon a time", "The quick brown fox jumps over the lazy dog.", "embeddings!"]
 
 
-def embed(client, **body):  # type: ignore[no-untyped-def]
-    return client.post("/v1/embeddings", json=body)
-
-
-def vectors(response) -> np.ndarray:  # type: ignore[no-untyped-def]
-    assert response.status_code == 200, response.text
-    return np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
-
-
-def assert_openai_error(response, status: int, param: str | None = None) -> dict:  # type: ignore[no-untyped-def]
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    if param is not None:
-        assert error["param"] == param
-    return error
-
-
-def test_response_shape_and_usage_match_tokenizer(minilm_client) -> None:
-    response = embed(minilm_client, input=TEXTS, model=DEFAULT_MODEL_NAME)
+def test_response_shape_and_usage_match_tokenizer(fake_client) -> None:
+    response = embed(fake_client, input=TEXTS, model=DEFAULT_MODEL_NAME)
     body = response.json()
     assert response.status_code == 200
     assert body["object"] == "list" and body["model"] == DEFAULT_MODEL_NAME
     assert [item["index"] for item in body["data"]] == [0, 1, 2]
     assert all(item["object"] == "embedding" and len(item["embedding"]) == 384 for item in body["data"])
-    tokenizer = minilm_client.state.service.tokenizer
+    tokenizer = fake_client.state.service.tokenizer
     expected = sum(len(ids) for ids in tokenizer.encode(TEXTS))
     assert body["usage"] == {"prompt_tokens": expected, "total_tokens": expected}
 
 
-def test_four_input_forms_agree(minilm_client) -> None:
-    ids = minilm_client.state.service.tokenizer.encode(TEXTS)
-    as_strings = vectors(embed(minilm_client, input=TEXTS))
-    as_string = vectors(embed(minilm_client, input=TEXTS[0]))
-    as_ids = vectors(embed(minilm_client, input=ids[0]))
-    as_id_lists = vectors(embed(minilm_client, input=ids))
+def test_four_input_forms_agree(fake_client) -> None:
+    ids = fake_client.state.service.tokenizer.encode(TEXTS)
+    as_strings = vectors(embed(fake_client, input=TEXTS))
+    as_string = vectors(embed(fake_client, input=TEXTS[0]))
+    as_ids = vectors(embed(fake_client, input=ids[0]))
+    as_id_lists = vectors(embed(fake_client, input=ids))
     np.testing.assert_allclose(as_string[0], as_strings[0], atol=1e-6)
     np.testing.assert_allclose(as_ids[0], as_strings[0], atol=1e-6)
     np.testing.assert_allclose(as_id_lists, as_strings, atol=1e-6)
 
 
-def test_base64_is_little_endian_float32_of_the_same_vector(minilm_client) -> None:
-    floats = vectors(embed(minilm_client, input=TEXTS))
-    response = embed(minilm_client, input=TEXTS, encoding_format="base64")
+def test_base64_is_little_endian_float32_of_the_same_vector(fake_client) -> None:
+    floats = vectors(embed(fake_client, input=TEXTS))
+    response = embed(fake_client, input=TEXTS, encoding_format="base64")
     decoded = np.stack(
         [np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") for item in response.json()["data"]]
     )
@@ -64,26 +48,26 @@ def test_base64_is_little_endian_float32_of_the_same_vector(minilm_client) -> No
 
 
 @pytest.mark.parametrize("dimensions", [1, 64, 383, 384])
-def test_dimensions_truncate_then_renormalize(minilm_client, dimensions: int) -> None:
-    full = vectors(embed(minilm_client, input=TEXTS))
-    short = vectors(embed(minilm_client, input=TEXTS, dimensions=dimensions))
+def test_dimensions_truncate_then_renormalize(fake_client, dimensions: int) -> None:
+    full = vectors(embed(fake_client, input=TEXTS))
+    short = vectors(embed(fake_client, input=TEXTS, dimensions=dimensions))
     assert short.shape == (3, dimensions)
     expected = full[:, :dimensions] / np.linalg.norm(full[:, :dimensions], axis=1, keepdims=True)
     np.testing.assert_allclose(short, expected, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1.0, atol=1e-6)
 
 
-def test_user_field_is_accepted(minilm_client) -> None:
-    assert embed(minilm_client, input="hi", user="someone").status_code == 200
+def test_user_field_is_accepted(fake_client) -> None:
+    assert embed(fake_client, input="hi", user="someone").status_code == 200
 
 
-def test_truncation_on_request(minilm_client) -> None:
+def test_truncation_on_request(fake_client) -> None:
     long_text = "word " * 400
-    assert_openai_error(embed(minilm_client, input=long_text), 400, "input")
-    right = vectors(embed(minilm_client, input=long_text, truncate=True))
-    left = vectors(embed(minilm_client, input=long_text + "end", truncate=True, truncation_side="left"))
+    assert_openai_error(embed(fake_client, input=long_text), 400, "input")
+    right = vectors(embed(fake_client, input=long_text, truncate=True))
+    left = vectors(embed(fake_client, input=long_text + "end", truncate=True, truncation_side="left"))
     assert right.shape == left.shape == (1, 384)
-    usage = embed(minilm_client, input=long_text, truncate=True).json()["usage"]
+    usage = embed(fake_client, input=long_text, truncate=True).json()["usage"]
     assert usage["prompt_tokens"] == 256
 
 
@@ -112,16 +96,14 @@ def test_truncation_on_request(minilm_client) -> None:
         ({"input": ["x"] * 2049}, 400, "input"),
     ],
 )
-def test_bad_requests_get_openai_errors_and_server_keeps_serving(minilm_client, body, status, param) -> None:
-    assert_openai_error(minilm_client.post("/v1/embeddings", json=body), status, param)
-    assert embed(minilm_client, input="still serving").status_code == 200
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(fake_client, body, status, param) -> None:
+    assert_openai_error(fake_client.post("/v1/embeddings", json=body), status, param)
+    assert embed(fake_client, input="still serving").status_code == 200
 
 
-def test_not_found_code_and_over_length_code(minilm_client) -> None:
-    assert (
-        assert_openai_error(embed(minilm_client, input="x", model="nope"), 404)["code"] == "model_not_found"
-    )
-    over = assert_openai_error(embed(minilm_client, input="word " * 300), 400)
+def test_not_found_code_and_over_length_code(fake_client) -> None:
+    assert assert_openai_error(embed(fake_client, input="x", model="nope"), 404)["code"] == "model_not_found"
+    over = assert_openai_error(embed(fake_client, input="word " * 300), 400)
     assert over["code"] == "context_length_exceeded"
     assert "256" in over["message"] and "302" in over["message"]
 
@@ -129,42 +111,42 @@ def test_not_found_code_and_over_length_code(minilm_client) -> None:
 @pytest.mark.parametrize(
     "raw", [b"{bad json", b"[1, 2]", b'"text"', b"", b'{"input": "\\ud800"}', b"\xff\xfe"]
 )
-def test_malformed_bodies_are_400(minilm_client, raw: bytes) -> None:
-    response = minilm_client.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"})
+def test_malformed_bodies_are_400(fake_client, raw: bytes) -> None:
+    response = fake_client.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"})
     assert_openai_error(response, 400)
 
 
-def test_body_without_json_content_type_is_still_parsed(minilm_client) -> None:
-    response = minilm_client.post("/v1/embeddings", content=b'{"input": "hi"}')
+def test_body_without_json_content_type_is_still_parsed(fake_client) -> None:
+    response = fake_client.post("/v1/embeddings", content=b'{"input": "hi"}')
     assert response.status_code == 200
 
 
-def test_unknown_route_and_method(minilm_client) -> None:
-    assert_openai_error(minilm_client.get("/v2/nothing"), 404)
-    assert_openai_error(minilm_client.get("/v1/embeddings"), 405)
+def test_unknown_route_and_method(fake_client) -> None:
+    assert_openai_error(fake_client.get("/v2/nothing"), 404)
+    assert_openai_error(fake_client.get("/v1/embeddings"), 405)
 
 
-def test_encode_route_single_and_list(minilm_client) -> None:
-    reference = vectors(embed(minilm_client, input=TEXTS))
-    single = minilm_client.post("/encode", json={"text": TEXTS[0]}).json()
+def test_encode_route_single_and_list(fake_client) -> None:
+    reference = vectors(embed(fake_client, input=TEXTS))
+    single = fake_client.post("/encode", json={"text": TEXTS[0]}).json()
     assert set(single) == {"embedding", "meta_info"}
     np.testing.assert_allclose(single["embedding"], reference[0], atol=1e-6)
-    many = minilm_client.post("/encode", json={"text": TEXTS}).json()
+    many = fake_client.post("/encode", json={"text": TEXTS}).json()
     assert len(many) == 3
-    ids = minilm_client.state.service.tokenizer.encode(TEXTS)
-    by_ids = minilm_client.post("/encode", json={"input_ids": ids[1]}).json()
+    ids = fake_client.state.service.tokenizer.encode(TEXTS)
+    by_ids = fake_client.post("/encode", json={"input_ids": ids[1]}).json()
     np.testing.assert_allclose(by_ids["embedding"], reference[1], atol=1e-6)
     assert by_ids["meta_info"]["prompt_tokens"] == len(ids[1])
-    assert_openai_error(minilm_client.post("/encode", json={}), 400)
+    assert_openai_error(fake_client.post("/encode", json={}), 400)
 
 
-def test_model_listing_and_info(minilm_client) -> None:
-    models = minilm_client.get("/v1/models").json()
+def test_model_listing_and_info(fake_client) -> None:
+    models = fake_client.get("/v1/models").json()
     assert models["object"] == "list"
     (card,) = models["data"]
     assert card["id"] == DEFAULT_MODEL_NAME and card["max_model_len"] == 256
-    info = minilm_client.get("/get_model_info").json()
+    info = fake_client.get("/get_model_info").json()
     assert info["is_generation"] is False
     assert info["model_path"] == info["tokenizer_path"]
     assert info["embedding_dim"] == 384 and info["pooling"] == ["mean"]
-    assert minilm_client.get("/health").json() == {"status": "ok"}
+    assert fake_client.get("/health").json() == {"status": "ok"}

@@ -27,9 +27,22 @@ class FakeRunner:
         self.boosts: dict[tuple[int, ...], bool] = {}  # batch -> whether it may take every core
         self.gate = threading.Event()
         self.gate.set()
+        self.submits = 0
+        self._submitted = asyncio.Event()  # set by every submit (the batcher's loop calls it)
+
+    async def submitted(self, count: int) -> None:
+        """Return once the batcher has handed over `count` batches in all."""
+        while self.submits < count:
+            self._submitted.clear()
+            await asyncio.wait_for(self._submitted.wait(), 10)
+
+    def _note_submit(self) -> None:
+        self.submits += 1
+        self._submitted.set()
 
     def submit(self, items, boost=True):  # type: ignore[no-untyped-def]
         future: Future = Future()
+        self._note_submit()
         self.boosts[tuple(len(item.token_ids) for item in items)] = boost
 
         def work() -> None:
@@ -90,10 +103,11 @@ def test_two_workers_share_the_queue_as_the_runner_says(
         assert runner.boosts.get((8, 12, 10, 10), True) and not runner.boosts.get((8, 12), False)
         runner.batches.clear()
         runner.gate.clear()
+        submits = runner.submits
         busy = batcher.submit(items(3))  # holds one worker
-        await asyncio.sleep(0.05)
+        await runner.submitted(submits + 1)
         rest = batcher.submit(items(*[5] * 8))
-        await asyncio.sleep(0.05)
+        await runner.submitted(submits + 2)  # a share, or all of it, on the other worker
         runner.gate.set()
         await asyncio.gather(busy, rest)
         assert sorted(runner.batches) == one_busy
@@ -129,6 +143,7 @@ def test_workers_that_finish_together_are_both_idle_for_the_next_batch() -> None
 
         def submit(self, items, boost=True):  # type: ignore[no-untyped-def]
             future: Future = Future()
+            self._note_submit()
             self.held.append((future, list(items)))
             self.batches.append([len(item.token_ids) for item in items])
             return future
@@ -139,15 +154,14 @@ def test_workers_that_finish_together_are_both_idle_for_the_next_batch() -> None
         batcher = Batcher(runner, max_batch_tokens=100, max_queued_tokens=1000)  # type: ignore[arg-type]
         batcher.start()
         first = batcher.submit(items(1))
-        await asyncio.sleep(0.05)
+        await runner.submitted(1)
         second = batcher.submit(items(1))
-        await asyncio.sleep(0.05)  # both workers busy
+        await runner.submitted(2)  # both workers busy
         waiting = batcher.submit(items(10, 10, 10, 10))
-        await asyncio.sleep(0.05)
         for future, held in runner.held:  # both finish at once
             future.set_result([np.zeros(1, dtype=np.float32) for _ in held])
         await asyncio.gather(first, second)
-        await asyncio.sleep(0.05)
+        await runner.submitted(4)
         assert runner.batches[2:] == [[10, 10], [10, 10]]  # shared by the two idle workers
         for future, held in runner.held[2:]:
             future.set_result([np.zeros(1, dtype=np.float32) for _ in held])
@@ -164,7 +178,7 @@ def test_cancelled_inputs_free_the_budget_at_once_and_never_run() -> None:
         batcher = Batcher(runner, max_batch_tokens=8, max_queued_tokens=20)  # type: ignore[arg-type]
         batcher.start()
         first = batcher.submit(items(8))
-        await asyncio.sleep(0.05)  # the first batch is on the device
+        await runner.submitted(1)  # the first batch is on the device
         queued = batcher.submit(items(8, 8))
         with pytest.raises(OverloadedError):
             batcher.submit(items(8))

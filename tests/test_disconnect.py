@@ -15,6 +15,7 @@ async def _handle(trigger: str) -> str:
     gone = asyncio.Event()
     handler: asyncio.Task[str] | None = None
     work_cancelled = asyncio.Event()
+    work_started = asyncio.Event()
 
     async def receive() -> dict[str, str]:
         await gone.wait()
@@ -24,6 +25,7 @@ async def _handle(trigger: str) -> str:
         return {"type": "http.disconnect"}
 
     async def work() -> str:
+        work_started.set()
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
@@ -38,7 +40,7 @@ async def _handle(trigger: str) -> str:
             return "client gone"
 
     handler = asyncio.ensure_future(handle())
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(work_started.wait(), 5)
     if trigger in ("disconnect", "both"):
         gone.set()
     else:
@@ -72,7 +74,8 @@ def test_a_late_disconnect_leaves_a_finished_answer_alone() -> None:
             return "answer"
 
         answer = await cancel_on_disconnect(receive, work())
-        await asyncio.sleep(0.01)  # the watcher's callbacks run now: nothing may be cancelled
+        for _ in range(3):  # the watcher's step and its callbacks run now: nothing may be cancelled
+            await asyncio.sleep(0)
         return answer
 
     assert asyncio.run(scenario()) == "answer"

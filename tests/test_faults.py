@@ -18,19 +18,18 @@ import psutil
 import pytest
 import requests
 import torch
-from fault_injection import (
-    WAIT_S,
+
+from tests.helpers.api_calls import assert_openai_error
+from tests.helpers.faults import (
     DeviceGate,
     device_held,
     ids,
     port_of,
     sample,
     scrape,
-    wait_until,
 )
-from test_api import assert_openai_error
-
-from conftest import ThreadedServer
+from tests.helpers.servers import ThreadedServer
+from tests.helpers.waiting import WAIT_S, wait_until
 from toolkit.models.packed_batch import PackedBatch
 from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
 
@@ -193,6 +192,7 @@ class Outcome:
     code: str | None = None
 
 
+@pytest.mark.subprocess
 def test_sigterm_under_load_finishes_accepted_requests_exits_zero_and_leaves_nothing(capsys) -> None:
     process, port = launch_server_cmd("python3 -m toolkit.launch_server --drain-timeout 20", host="127.0.0.1")
     url = f"http://127.0.0.1:{port}/v1/embeddings"

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from model_zoo import (
+
+from tests.helpers.model_zoo import (
     FAMILIES,
     POOLING_MODES,
     PROMPTS,
@@ -35,8 +36,7 @@ from model_zoo import (
     transformers_reference,
     write_sentence_transformers_files,
 )
-
-from conftest import start_test_client
+from tests.helpers.servers import start_test_client
 from toolkit.models.loader import load_model
 from toolkit.models.registry import family_of
 
@@ -258,6 +258,7 @@ def test_do_lower_case_lowercases_the_prompt_too(tmp_path: Path, family: str, in
     assert_embeddings_close(ours, lowered)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert", "qwen2"])
 def test_bfloat16_stays_close_to_the_float32_reference(tmp_path: Path, family: str) -> None:
     model_dir = build_tiny_model(family, tmp_path)
@@ -285,8 +286,7 @@ def test_matryoshka_dimensions(tmp_path: Path, config_file: str) -> None:
 
 
 # --- a real checkpoint, and an architecture served through transformers ---------------------------
-
-
+@pytest.mark.slow
 def test_smollm2_matches_sentence_transformers() -> None:
     cache = os.environ.get("TOOLKIT_TEST_CACHE")
     model_dir = smollm2_model_dir(Path(cache) if cache else Path.home() / ".cache" / "toolkit-tests")

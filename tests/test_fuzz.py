@@ -17,7 +17,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation import GenerationMode
 
-from conftest import ThreadedServer, start_threaded_server
+from tests.helpers.servers import ThreadedServer, start_threaded_server
+
+pytestmark = pytest.mark.slow
 
 MAX_EXAMPLES = 400
 

@@ -14,20 +14,19 @@ from typing import Any
 
 import pytest
 import requests
-from fault_injection import (
+
+from tests.helpers.api_calls import assert_openai_error
+from tests.helpers.faults import (
     CLS,
-    WAIT_S,
     ids,
     parse_metrics,
     port_of,
     read_response,
     sample,
     scrape,
-    wait_until,
 )
-from test_api import assert_openai_error
-
-from conftest import ThreadedServer, start_test_client
+from tests.helpers.servers import ThreadedServer, fake_service, start_test_client
+from tests.helpers.waiting import WAIT_S, wait_until
 
 KEY = "sesame"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -46,7 +45,7 @@ STRICT = [
 
 @pytest.fixture(scope="module")
 def strict_client() -> Iterator[Any]:
-    client = start_test_client(STRICT)
+    client = start_test_client(STRICT, loader=fake_service)
     yield client
     client.__exit__(None, None, None)
 
@@ -313,18 +312,24 @@ def test_access_log_is_one_line_per_request_without_bodies_and_probes_are_quiet(
     assert "zebra" not in caplog.text
 
 
-@pytest.mark.parametrize("fresh_client", [["--cors-allow-origins", "http://notebook.example"]], indirect=True)
-def test_cors_only_for_allowed_origins(fresh_client, strict_client) -> None:
+@pytest.fixture(scope="module")
+def cors_client() -> Iterator[Any]:
+    client = start_test_client(["--cors-allow-origins", "http://notebook.example"], loader=fake_service)
+    yield client
+    client.__exit__(None, None, None)
+
+
+def test_cors_only_for_allowed_origins(cors_client, strict_client) -> None:
     preflight = {"Origin": "http://notebook.example", "Access-Control-Request-Method": "POST"}
-    allowed = fresh_client.options("/v1/embeddings", headers=preflight)
+    allowed = cors_client.options("/v1/embeddings", headers=preflight)
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == "http://notebook.example"
-    answer = fresh_client.post(
+    answer = cors_client.post(
         "/v1/embeddings", json={"input": "hi"}, headers={"Origin": "http://notebook.example"}
     )
     assert answer.headers["access-control-allow-origin"] == "http://notebook.example"
     assert "x-request-id" in answer.headers["access-control-expose-headers"].lower()
-    other = fresh_client.options("/v1/embeddings", headers={**preflight, "Origin": "http://evil.example"})
+    other = cors_client.options("/v1/embeddings", headers={**preflight, "Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in other.headers
     off = strict_client.options("/v1/embeddings", headers=preflight)
     assert off.status_code == 405 and "access-control-allow-origin" not in off.headers

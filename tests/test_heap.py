@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.subprocess
+
 # As in the server: the settings first, on the main thread; then a loading thread that allocates
 # and ends; then a device thread that allocates and touches 96 MB (past what a thread's own arena
 # keeps), frees it and prints the resident memory (MB) that went back to the system.

@@ -28,6 +28,7 @@ import psutil
 import pytest
 import requests
 
+from tests.helpers.waiting import wait_until
 from toolkit.errors import InferenceError, OverloadedError, ServiceUnavailableError
 from toolkit.scheduling import wire
 from toolkit.scheduling.batch_server import BatchServer
@@ -250,6 +251,7 @@ def two_front_end_server() -> Iterator[tuple[subprocess.Popen[str], str]]:
     assert _all_gone(family, timeout=10)
 
 
+@pytest.mark.subprocess
 def test_two_front_ends_embed_like_sentence_transformers_and_stop_cleanly() -> None:
     from sentence_transformers import SentenceTransformer
 
@@ -286,15 +288,14 @@ def test_two_front_ends_embed_like_sentence_transformers_and_stop_cleanly() -> N
             assert batch_count and float(batch_count[0].split()[-1]) > 0, metrics
 
 
+@pytest.mark.subprocess
 def test_a_front_end_that_dies_is_replaced_and_the_server_keeps_serving() -> None:
     with two_front_end_server() as (process, url):
         engine = psutil.Process(process.pid)
         first = engine.children()
         first[0].kill()  # as the kernel's OOM killer would
-        deadline = time.monotonic() + 60
-        while {child.pid for child in engine.children()} in ({first[1].pid}, {p.pid for p in first}):
-            assert time.monotonic() < deadline, "no replacement front end"
-            time.sleep(0.2)
+        before = ({first[1].pid}, {p.pid for p in first})
+        wait_until(lambda: {child.pid for child in engine.children()} not in before, "a replacement", 60)
         assert len(engine.children()) == 2
         wait_for_server(url, timeout=60, process=process)
         for _ in range(6):  # both front ends answer
@@ -302,6 +303,7 @@ def test_a_front_end_that_dies_is_replaced_and_the_server_keeps_serving() -> Non
             assert response.status_code == 200, response.text
 
 
+@pytest.mark.subprocess
 def test_front_ends_exit_when_their_engine_dies() -> None:
     process, port = launch_server_cmd("python3 -m toolkit.launch_server --http-workers 2", host="127.0.0.1")
     try:
@@ -352,18 +354,20 @@ def _start_stubbed(sleep_s: float, outcome: str, port: int, workers: int = 2) ->
 
 
 def _wait_front_ends(process: subprocess.Popen[str], count: int) -> list[psutil.Process]:
-    deadline = time.monotonic() + 60
-    while len(children := psutil.Process(process.pid).children()) < count:
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.1)
-    return children
+    started = lambda: len(psutil.Process(process.pid).children()) >= count  # noqa: E731
+    wait_until(lambda: process.poll() is not None or started(), f"{count} front ends", 60)
+    assert process.poll() is None
+    return psutil.Process(process.pid).children()
 
 
+@pytest.mark.subprocess
 def test_a_stop_while_the_model_loads_ends_engine_and_front_ends_at_once() -> None:
-    process = _start_stubbed(120, "load", _free_port())
+    port = _free_port()
+    process = _start_stubbed(120, "load", port)
     try:
         front_ends = _wait_front_ends(process, 2)
-        time.sleep(2)  # the front ends are up and waiting for their engine
+        # The front ends are up (serving /health) and waiting for their engine.
+        wait_until(lambda: requests_status(f"http://127.0.0.1:{port}/health") == 503, "front ends up", 60)
         os.killpg(process.pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=20)  # not the 120 s the load would take
         assert process.returncode == 0
@@ -373,14 +377,14 @@ def test_a_stop_while_the_model_loads_ends_engine_and_front_ends_at_once() -> No
         _kill_group(process)
 
 
+@pytest.mark.subprocess
 def test_a_one_process_server_stopped_while_loading_exits_at_once() -> None:
     port = _free_port()
     process = _start_stubbed(120, "load", port, workers=0)
     try:
-        deadline = time.monotonic() + 60
-        while requests_status(f"http://127.0.0.1:{port}/health") != 503:  # serving, not loaded
-            assert time.monotonic() < deadline and process.poll() is None
-            time.sleep(0.2)
+        serving = lambda: requests_status(f"http://127.0.0.1:{port}/health") == 503  # noqa: E731
+        wait_until(lambda: serving() or process.poll() is not None, "serving, not loaded", 60)
+        assert process.poll() is None
         os.killpg(process.pid, signal.SIGTERM)
         process.communicate(timeout=20)  # not the 120 s the load would take
         assert process.returncode == 0
@@ -395,6 +399,7 @@ def requests_status(url: str) -> int | None:
         return None
 
 
+@pytest.mark.subprocess
 def test_a_failed_load_exits_1_with_one_clear_line_and_stops_the_front_ends() -> None:
     process = _start_stubbed(2, "fail", _free_port())
     try:
@@ -408,6 +413,7 @@ def test_a_failed_load_exits_1_with_one_clear_line_and_stops_the_front_ends() ->
         _kill_group(process)
 
 
+@pytest.mark.subprocess
 def test_a_taken_port_is_one_clear_line_and_exit_1() -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

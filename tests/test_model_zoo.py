@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_zoo import (
+from tokenizers import Tokenizer
+from transformers import AutoModel, AutoTokenizer
+
+from tests.helpers.model_zoo import (
     FAMILIES,
     POOLING_MODES,
     PROMPTS,
@@ -22,8 +25,6 @@ from model_zoo import (
     smollm2_model_dir,
     transformers_reference,
 )
-from tokenizers import Tokenizer
-from transformers import AutoModel, AutoTokenizer
 
 TEXTS = [
     "hello",
@@ -219,6 +220,7 @@ def test_bundled_minilm() -> None:
     assert_embeddings_close(reference_embeddings(model_dir, TEXTS), expected)
 
 
+@pytest.mark.slow
 def test_smollm2(smollm2_dir: Path) -> None:
     settings = read_sentence_transformers_settings(smollm2_dir)
     assert (settings.pooling, settings.normalize, settings.max_seq_length) == ("lasttoken", True, 512)
@@ -312,6 +314,7 @@ def test_graph_view_computes_any_batch_of_its_shape(zoo: Callable[[str], Path], 
 
 
 # torch.compile's own imports touch torch.jit.script_method, deprecated in this torch.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
 @pytest.mark.parametrize("family", ["bert", "qwen2"])
 def test_compiled_blocks_compute_what_the_eager_forward_does(zoo: Callable[[str], Path], family: str) -> None:

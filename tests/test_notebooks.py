@@ -28,6 +28,8 @@ from pytest_notebook.diffing import diff_notebooks, diff_to_string, filter_diff
 from pytest_notebook.nb_regression import NBRegressionFixture
 from pytest_notebook.notebook import regex_replace_nb
 
+pytestmark = pytest.mark.notebook
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 KERNEL_NAME = "python3"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_zoo import build_tiny_model
 
+from tests.helpers.model_zoo import build_tiny_model
 from toolkit.errors import ServiceUnavailableError
 from toolkit.execution.runner import Runner
 from toolkit.models.loader import load_model

@@ -16,6 +16,8 @@ import requests
 from toolkit.server_args import DEFAULT_MODEL_NAME
 from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
 
+pytestmark = pytest.mark.subprocess
+
 TEXTS = ["Once upon a time", "A second, somewhat longer input text."]
 
 

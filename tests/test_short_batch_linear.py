@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tests.model_zoo import build_tiny_model
+from tests.helpers.model_zoo import build_tiny_model
 from toolkit.models import short_batch_linear
 from toolkit.models.loader import load_model
 from toolkit.models.short_batch_linear import (

@@ -1,4 +1,4 @@
-"""The notebook helpers against real subprocesses (tests/fake_server.py), no model needed."""
+"""The notebook helpers against real subprocesses (tests/helpers/fake_server.py), no model needed."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ import requests
 from toolkit import utils
 from toolkit.utils import launch_server_cmd, print_highlight, terminate_process, wait_for_server
 
+pytestmark = pytest.mark.subprocess
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FAKE_SERVER = str(Path(__file__).resolve().with_name("fake_server.py"))
+FAKE_SERVER = str(Path(__file__).resolve().parent / "helpers" / "fake_server.py")
 FAKE = f"python3 {shlex.quote(FAKE_SERVER)} --host 127.0.0.1"
 # Generous bounds: they only catch a helper that waits for its timeout instead of failing fast.
 LONG_TIMEOUT = 60.0

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolkit.environment import LISTEN_FD_ENV
-from toolkit.service.model_spec import POOLING_MODES
+from toolkit.service.inference import RequestLimits
+from toolkit.service.model_spec import POOLING_MODES, EmbeddingSpec
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,19 @@ class ServerArgs:
         fd = environ.get(LISTEN_FD_ENV)
         values["listen_fd"] = int(fd) if fd and fd.isdigit() else None
         return cls(**values)
+
+    def request_limits(self, spec: EmbeddingSpec, context_length: int, vocab_size: int) -> RequestLimits:
+        """What the service enforces per request, for a model of `context_length` positions and
+        `vocab_size` token ids."""
+        return RequestLimits(
+            context_length=context_length,
+            vocab_size=vocab_size,
+            max_inputs_per_request=self.max_inputs_per_request,
+            truncate=self.truncate,
+            truncation_side=self.truncation_side,
+            default_prompt_name=self.default_prompt_name or spec.default_prompt_name,
+            max_tokens_per_request=self.max_tokens_per_request,
+        )
 
     def describe(self) -> str:
         """`ServerArgs(...)` with the api key masked, for the one start-up log line."""

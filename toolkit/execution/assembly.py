@@ -22,7 +22,7 @@ from toolkit.models.loader import load_model
 from toolkit.scheduling.batcher import Batcher
 from toolkit.scheduling.work import WorkItem
 from toolkit.server_args import ServerArgs
-from toolkit.service.inference import InferenceService, RequestLimits
+from toolkit.service.inference import InferenceService
 from toolkit.service.model_files import ModelFiles
 from toolkit.service.model_spec import EmbeddingSpec
 from toolkit.service.tokenization import TextTokenizer
@@ -76,15 +76,7 @@ def _load_on_device_thread(
     if device.type == "cuda" and args.cuda_graphs:
         sample = (files.tokenizer.encode(["warm up"])[0] * 256)[:256]
         runner.capture_graphs(sample, context_length)
-    limits = RequestLimits(
-        context_length=context_length,
-        vocab_size=_vocab_rows(model.module, files.tokenizer),
-        max_inputs_per_request=args.max_inputs_per_request,
-        truncate=args.truncate,
-        truncation_side=args.truncation_side,
-        default_prompt_name=args.default_prompt_name or spec.default_prompt_name,
-        max_tokens_per_request=args.max_tokens_per_request,
-    )
+    limits = args.request_limits(spec, context_length, _vocab_rows(model.module, files.tokenizer))
     batch_tokens = args.max_batch_tokens or (32768 if device.type == "cuda" else 8192)
     batcher = Batcher(runner, batch_tokens, args.max_queued_tokens, args.max_queued_inputs)
     dim = model.hidden_size * len(spec.pooling_modes)

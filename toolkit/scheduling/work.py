@@ -30,7 +30,7 @@ ItemResult = np.ndarray | BaseException
 
 
 class BatchQueue(Protocol):
-    """What the engine submits inputs to: the in-process `Batcher`, or a front end's
+    """What the service submits inputs to: the in-process `Batcher`, or a front end's
     `RemoteBatcher` that forwards them to the engine process."""
 
     on_batch: Callable[[int, int, float], None] | None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,22 +19,14 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers.waiting import WAIT_S, wait_until
 from toolkit.models.packed_batch import PackedBatch
 
 CLS, SEP = 101, 102  # MiniLM's [CLS] and [SEP]
-WAIT_S = 30.0
 
 
 def ids(*markers: int) -> list[int]:
     return [CLS, *markers, SEP]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting until {what}")
-        time.sleep(0.005)
 
 
 @dataclass
