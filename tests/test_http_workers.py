@@ -413,21 +413,6 @@ def test_a_failed_load_exits_1_with_one_clear_line_and_stops_the_front_ends() ->
         _kill_group(process)
 
 
-@pytest.mark.subprocess
-def test_a_taken_port_is_one_clear_line_and_exit_1() -> None:
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "toolkit.launch_server", "--http-workers", "2", "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout
-    assert "Traceback" not in result.stdout + result.stderr
-
-
 def _free_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as probe:
         return int(probe.getsockname()[1])

@@ -54,3 +54,21 @@ def test_unknown_model_names_every_place_looked(tmp_path: Path, monkeypatch: pyt
         resolve_model_dir("nobody/nothing")
     message = str(raised.value)
     assert "nobody/nothing" in message and str(tmp_path) in message and "local directory" in message
+    assert "HF_HUB_OFFLINE" in message and "not tried" in message
+
+
+def test_an_unreachable_hub_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def no_network(repo_id: str, local_files_only: bool = False) -> str:
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(ModelLoadError) as raised:
+        resolve_model_dir("nobody/nothing")
+    assert "the hub could not be reached (ConnectionError: Failed to resolve" in str(raised.value)

@@ -119,7 +119,7 @@ def test_api_key_guards_every_route_but_health() -> None:
 def test_missing_model_is_one_clear_line_and_nonzero_exit(tmp_path) -> None:
     missing = tmp_path / "no-such-model"
     result = subprocess.run(
-        [sys.executable, "-m", "toolkit.launch_server", "--model-path", str(missing)],
+        [sys.executable, "-m", "toolkit.launch_server", "--model-path", str(missing), "--port", "0"],
         capture_output=True,
         text=True,
         timeout=120,

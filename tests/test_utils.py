@@ -140,6 +140,35 @@ def test_toolkit_server_inherits_the_held_port(
     assert port_is_bindable(port)
 
 
+@pytest.mark.parametrize(
+    ("host", "bound", "appended"), [(None, "127.0.0.1", False), ("0.0.0.0", "0.0.0.0", True)]
+)
+def test_the_server_listens_where_its_log_says(
+    launch: Launcher,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    host: str | None,
+    bound: str,
+    appended: bool,
+) -> None:
+    """No --host in the command: loopback, as the server's own default says, unless the caller
+    asks for another host, which the server is then told too."""
+    monkeypatch.setattr(utils, "LISTEN_FD_SERVERS", (*utils.LISTEN_FD_SERVERS, FAKE_SERVER))
+    process, port = launch_server_cmd(f"python3 {shlex.quote(FAKE_SERVER)}", host=host)
+    try:
+        wait_for_server(url(port), timeout=LONG_TIMEOUT, process=process)
+        listening = [
+            c.laddr.ip
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        ]
+        assert listening == [bound]
+        output = wait_for_output(capsys, "args ")
+        assert ('"--host", "0.0.0.0"' in output) is appended
+    finally:
+        terminate_process(process)
+
+
 def test_dead_server_fails_fast_with_its_log(launch: Launcher) -> None:
     _, port = launch(f"{FAKE} --startup-delay 600 --die-after 0.3")
     started = time.monotonic()

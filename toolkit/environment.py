@@ -12,3 +12,7 @@ LISTEN_FD_ENV = "TOOLKIT_LISTEN_FD"
 
 # How the engine process tells a front-end process where its Unix socket is.
 ENGINE_SOCKET_ENV = "TOOLKIT_ENGINE_SOCKET"
+
+# `launch_server_cmd` names its own process here ("PID:START_TIME"): the server stops once that
+# process is gone, so a crashed or killed notebook kernel leaves no server behind.
+PARENT_ENV = "TOOLKIT_PARENT"

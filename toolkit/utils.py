@@ -22,6 +22,7 @@ and serving on it, and early clients queue in the socket's backlog instead of be
 
 from __future__ import annotations
 
+import atexit
 import html
 import os
 import re
@@ -36,11 +37,13 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+import psutil
 import requests
 
 # The server reads the inherited listening socket's descriptor number from this variable.
-from toolkit.environment import LISTEN_FD_ENV
+from toolkit.environment import LISTEN_FD_ENV, PARENT_ENV
 from toolkit.process_tree import bound_socket, owned_group, stop_tree, wait_port_free
+from toolkit.readiness import probe
 
 LISTEN_FD_SERVERS: tuple[str, ...] = ("toolkit.launch_server",)
 """Command-line words that mark a command as a server honouring ``LISTEN_FD_ENV``.
@@ -56,10 +59,6 @@ _LOG_LINES_KEPT = 200
 _LOG_LINES_SHOWN = 30
 _POLL_FIRST_S = 0.05
 _POLL_MAX_S = 0.5
-_CONNECT_TIMEOUT_S = 2.0
-# A held port queues connections before the server accepts any, so the cheap GET can block while
-# the model loads; re-checking the process every few seconds keeps a crash from going unnoticed.
-_MODELS_READ_TIMEOUT_S = 5.0
 _READER_CATCH_UP_S = 1.0
 _KILL_WAIT_S = 5.0
 
@@ -74,6 +73,7 @@ class _Launch:
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=_LOG_LINES_KEPT))
     lock: threading.Lock = field(default_factory=threading.Lock)
     reader: threading.Thread | None = None
+    stop_at_exit: bool = True
 
     def tail(self, count: int) -> list[str]:
         with self.lock:
@@ -85,35 +85,42 @@ _LAUNCHES: dict[int, _Launch] = {}
 
 
 def launch_server_cmd(
-    command: str, host: str = "0.0.0.0", port: int | None = None
+    command: str, host: str | None = None, port: int | None = None, stop_with_parent: bool = True
 ) -> tuple[subprocess.Popen[str], int]:
     """Start a server command in the background and return ``(process, port)``.
 
     The command is split like a shell would: quotes are honoured, backslash-newline continues a
     line, and leading ``KEY=VALUE`` words set environment variables for the child only. A leading
     ``python``/``python3`` becomes this interpreter, so the notebook's environment runs the server.
-    ``--port`` is appended (a free port unless ``port`` is given); the reservation binds to the
-    command's own ``--host`` if it has one, else to ``host``.
+    ``--port`` is appended (a free port unless ``port`` is given). The server listens where the
+    command's own ``--host`` says, else on ``host`` (then appended as ``--host``), else on
+    127.0.0.1, the server's own default.
 
     The child runs in its own session (so terminate_process can stop its whole tree), its output
     is streamed to this process's stdout line by line, and its last lines are kept for error
-    messages from wait_for_server.
+    messages from wait_for_server. With ``stop_with_parent`` (the default) a toolkit server stops
+    by itself once this Python process is gone, even if it was killed, and every server still
+    running is stopped when this interpreter exits.
     """
     env_updates, argv = _split_command(command)
     if any(word == "--port" or word.startswith("--port=") for word in argv):
         raise ValueError("pass the port as launch_server_cmd(..., port=N), not inside the command")
     if argv[0] in _PYTHON_NAMES:
         argv[0] = sys.executable
-    bind_host = _option_value(argv, "--host") or host
+    bind_host = _option_value(argv, "--host")
+    if bind_host is None and host is not None:
+        argv += ["--host", host]
+    bind_host = bind_host or host or "127.0.0.1"
     listener = _reserve_port(bind_host, port or 0)
     chosen_port: int = listener.getsockname()[1]
     argv += ["--port", str(chosen_port)]
-
+    if stop_with_parent:
+        env_updates = {PARENT_ENV: _this_process(), **env_updates}
     try:
         process = _start_child(argv, env_updates, listener)
     finally:
         listener.close()
-    launch = _Launch(process=process, host=bind_host, port=chosen_port)
+    launch = _Launch(process=process, host=bind_host, port=chosen_port, stop_at_exit=stop_with_parent)
     assert process.stdout is not None
     launch.reader = threading.Thread(
         target=_pump_log,
@@ -163,7 +170,7 @@ def wait_for_server(
                     f"Server at {base_url} was not ready after {timeout:g} s "
                     f"(last: {last_problem}).{_log_excerpt(launch)}"
                 )
-            problem = _probe(session, base_url, remaining, api_key is not None)
+            problem = probe(session, base_url, remaining, api_key is not None)
             if problem is None:
                 print_highlight("Server is ready.")
                 return
@@ -206,6 +213,19 @@ def terminate_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> 
 
 
 # --- launching ------------------------------------------------------------------------------
+
+
+def _this_process() -> str:
+    """This process as a launched server watches it: "PID:START_TIME" (a reused pid differs)."""
+    return f"{os.getpid()}:{psutil.Process().create_time()}"
+
+
+@atexit.register
+def _stop_launched_servers() -> None:
+    """At interpreter exit, stop every server this process launched and did not stop."""
+    for launch in list(_LAUNCHES.values()):
+        if launch.stop_at_exit and launch.process.poll() is None:
+            stop_tree(launch.process, launch.process.pid, _KILL_WAIT_S)
 
 
 def _start_child(
@@ -288,55 +308,6 @@ def _pump_log(stream: IO[str], launch: _Launch) -> None:
 
 
 # --- waiting --------------------------------------------------------------------------------
-
-
-def _probe(session: requests.Session, base_url: str, remaining: float | None, has_key: bool) -> str | None:
-    """None when the server embeds; otherwise why not yet. Raises on a refused api key."""
-
-    def timeout(read_s: float | None) -> tuple[float, float | None]:
-        if remaining is None:
-            return _CONNECT_TIMEOUT_S, read_s
-        bound = max(remaining, 0.01)
-        return min(_CONNECT_TIMEOUT_S, bound), bound if read_s is None else min(read_s, bound)
-
-    try:
-        with session.get(f"{base_url}/v1/models", timeout=timeout(_MODELS_READ_TIMEOUT_S)) as r:
-            _refuse_bad_key(r, base_url, has_key)
-            if r.status_code != 200:
-                return f"GET /v1/models answered {r.status_code}"
-            model = _first_model_id(r)
-        if model is None:
-            return "GET /v1/models listed no model"
-        body = {"model": model, "input": "warm up"}
-        with session.post(f"{base_url}/v1/embeddings", json=body, timeout=timeout(None)) as r:
-            _refuse_bad_key(r, base_url, has_key)
-            if r.status_code != 200:
-                return f"POST /v1/embeddings answered {r.status_code}"
-    except requests.RequestException as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def _refuse_bad_key(response: requests.Response, base_url: str, has_key: bool) -> None:
-    if response.status_code not in (401, 403):
-        return
-    if has_key:
-        raise RuntimeError(
-            f"Server at {base_url} rejected the api key ({response.status_code}); "
-            "pass the key the server was started with (--api-key)."
-        )
-    raise RuntimeError(
-        f"Server at {base_url} needs an api key ({response.status_code}); "
-        "pass wait_for_server(..., api_key=...)."
-    )
-
-
-def _first_model_id(response: requests.Response) -> str | None:
-    try:
-        model = response.json()["data"][0]["id"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-    return model if isinstance(model, str) else None
 
 
 def _exit_report(process: subprocess.Popen[Any], launch: _Launch | None) -> str:

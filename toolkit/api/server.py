@@ -19,10 +19,8 @@ from toolkit.service.model_files import ModelFiles
 ServiceLoader = Callable[[Callable[[BaseException], None]], InferenceService]
 
 
-def serve_http(
-    args: ServerArgs, files: ModelFiles, load: ServiceLoader, sock: socket.socket | None = None
-) -> int:
-    """Serve on `sock` (else bind --host and --port) and return the exit code."""
+def serve_http(args: ServerArgs, files: ModelFiles, load: ServiceLoader, sock: socket.socket) -> int:
+    """Serve on the listening socket `sock` and return the exit code."""
     state = ServerState(args=args, model_path=str(files.model_dir), tokenizer_path=str(files.tokenizer_dir))
     exit_code = 0
 
@@ -44,5 +42,5 @@ def serve_http(
         timeout_graceful_shutdown=args.drain_timeout,
     )
     server = DrainingServer(config, state.admission, args.drain_timeout)
-    server.run(sockets=[sock] if sock is not None else None)
+    server.run(sockets=[sock])
     return exit_code

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from toolkit.errors import ModelLoadError
+
 
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ModelLoadError(
+            f"--device cuda was asked for, but torch {torch.__version__} ({build}) sees no CUDA device"
+        )
     return torch.device(requested)
 
 

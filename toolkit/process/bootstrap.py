@@ -1,20 +1,30 @@
 """What every server process does the same way: logging, the garbage collector's settings once
-the model is loaded, the listening socket, and a prompt exit."""
+the model is loaded, the listening socket, watching the process that launched it, and a prompt
+exit."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from typing import NoReturn
 
+import psutil
+
 from toolkit.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "[%(asctime)s] %(message)s"
 
 _YOUNG_OBJECTS_PER_COLLECTION = 10_000  # Python's default is 700
+_PARENT_POLL_S = 0.5
 
 
 def configure_logging(level: str, process_name: str | None = None) -> None:
@@ -66,3 +76,59 @@ def listening_socket(args: ServerArgs) -> socket.socket:
         return inherited_socket(args.listen_fd)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     return socket.create_server((args.host, args.port), family=family, backlog=2048)
+
+
+def bind_error(args: ServerArgs, exc: OSError) -> str:
+    """One line for a socket that could not be bound, naming the holder of a taken port."""
+    where = f"{args.host}:{args.port}"
+    if exc.errno != errno.EADDRINUSE:
+        return f"cannot listen on {where}: {exc.strerror or exc}"
+    holder = _port_holder(args.port)
+    held = f" (held by {holder})" if holder else ""
+    return f"cannot listen on {where}: the port is already in use{held}; stop that server or pass --port"
+
+
+def _port_holder(port: int) -> str | None:
+    """`pid N (command)` of the process listening on `port`, where this user may see it."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return None
+    for connection in connections:
+        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port:
+            if connection.pid is None:
+                return None
+            try:
+                command = " ".join(psutil.Process(connection.pid).cmdline()[:4])
+            except psutil.Error:
+                command = "?"
+            return f"pid {connection.pid}: {command}"
+    return None
+
+
+def stop_with_parent(parent: str) -> None:
+    """SIGTERM this process (a drain, then exit) once the process `parent` names is gone: a
+    server that `launch_server_cmd` started must not outlive the notebook kernel, even one
+    killed with SIGKILL. `parent` is "PID:START_TIME", so that a reused pid does not count."""
+    pid_text, _, started_text = parent.partition(":")
+    try:
+        pid, started = int(pid_text), float(started_text)
+    except ValueError:
+        logger.warning("ignoring a malformed parent %r", parent)
+        return
+    threading.Thread(target=_watch_parent, args=(pid, started), name="parent-watch", daemon=True).start()
+
+
+def _watch_parent(pid: int, started: float) -> None:
+    while _alive(pid, started):
+        time.sleep(_PARENT_POLL_S)
+    logger.info("The process that launched this server (pid %d) is gone: stopping.", pid)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _alive(pid: int, started: float) -> bool:
+    try:
+        process = psutil.Process(pid)
+        return abs(process.create_time() - started) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -2,7 +2,7 @@
 front ends (`toolkit.process.front_end`) that share its listening socket and send it their
 requests' token ids.
 
-Start-up: bind the HTTP socket (or take launch_server_cmd's) and a private Unix socket, start the
+Start-up: with the HTTP socket bound (or launch_server_cmd's taken), bind a private Unix socket, start the
 front ends (they answer /health with 503 meanwhile), load the model, then greet each front end.
 SIGTERM or SIGINT: pass it on to the front ends, keep batching for them while they drain, and
 stop once they have all exited (during loading: stop at once). A front end that exits otherwise
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from toolkit.errors import ModelLoadError
-from toolkit.process.bootstrap import exit_now, listening_socket, settle_garbage_collector
+from toolkit.process.bootstrap import exit_now, settle_garbage_collector
 from toolkit.process.front_ends import KILL_GRACE_S, POLL_S, FrontEnds
 from toolkit.process.memory import prepare_process_memory
 from toolkit.scheduling.batch_server import BatchServer
@@ -40,12 +40,8 @@ class _StopRequested(BaseException):
     KeyboardInterrupt is, so that no `except Exception` on the way swallows it."""
 
 
-def main(args: ServerArgs, files: ModelFiles, argv: Sequence[str]) -> int:
-    try:
-        http_socket = listening_socket(args)
-    except OSError as exc:
-        logger.error("error: cannot listen on %s:%d: %s", args.host, args.port, exc.strerror or exc)
-        return 1
+def main(args: ServerArgs, files: ModelFiles, argv: Sequence[str], http_socket: socket.socket) -> int:
+    """Serve `http_socket` through the front ends until SIGTERM or a fatal error."""
     link_dir = tempfile.mkdtemp(prefix="toolkit-engine-")
     link_path = os.path.join(link_dir, "engine.sock")
     link_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -74,7 +70,6 @@ def main(args: ServerArgs, files: ModelFiles, argv: Sequence[str]) -> int:
     finally:
         link_socket.close()  # front ends still waiting for HELLO see the engine gone
         front_ends.stop()
-        http_socket.close()
         shutil.rmtree(link_dir, ignore_errors=True)
         if stopped_while_loading:
             exit_now(0)

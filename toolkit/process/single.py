@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 
 from toolkit.api.server import serve_http
 from toolkit.execution.assembly import load_service
 from toolkit.execution.device import pick_device
-from toolkit.process.bootstrap import exit_now, inherited_socket, settle_garbage_collector
+from toolkit.process.bootstrap import exit_now, settle_garbage_collector
 from toolkit.process.memory import prepare_process_memory
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import InferenceService
 from toolkit.service.model_files import ModelFiles
 
 
-def main(args: ServerArgs, files: ModelFiles) -> int:
-    """Serve until SIGTERM or a fatal error; the model loads in a thread once the socket is bound."""
+def main(args: ServerArgs, files: ModelFiles, sock: socket.socket) -> int:
+    """Serve on `sock` until SIGTERM or a fatal error; the model loads in a thread meanwhile."""
     prepare_process_memory(pick_device(args.device).type)  # before serve_http starts the loading thread
     loaded = threading.Event()
 
@@ -26,7 +27,6 @@ def main(args: ServerArgs, files: ModelFiles) -> int:
         loaded.set()
         return service
 
-    sock = inherited_socket(args.listen_fd) if args.listen_fd is not None else None
     exit_code = serve_http(args, files, load, sock)
     if not loaded.is_set():  # stopped (or failed) before the model was ready
         exit_now(exit_code)

@@ -51,8 +51,16 @@ def _from_hf_cache(repo_id: str) -> tuple[Path | None, str]:
     except Exception:
         pass
     if constants.HF_HUB_OFFLINE:
-        return None, f"Hugging Face cache {cache} (offline: no download tried)"
+        return None, f"the Hugging Face cache {cache}; the hub was not tried (HF_HUB_OFFLINE is set)"
     try:
         return Path(snapshot_download(repo_id)), ""
     except Exception as exc:
-        return None, f"Hugging Face cache {cache} and the hub ({type(exc).__name__})"
+        return None, f"the Hugging Face cache {cache}; {_hub_failure(exc)}"
+
+
+def _hub_failure(exc: Exception) -> str:
+    """Why the hub did not give the model: unreachable, or reached but without it."""
+    name = type(exc).__name__
+    if "NotFound" in name or "Gated" in name or "Unauthorized" in name:
+        return f"the hub has no model by that name for us ({name})"
+    return f"the hub could not be reached ({name}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"

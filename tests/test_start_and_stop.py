@@ -1,0 +1,109 @@
+"""Starting and stopping as a new user meets them: a taken port or a missing device is one clear
+line before anything loads, and a server launched from Python never outlives that process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from tests.helpers.waiting import wait_until
+
+pytestmark = pytest.mark.subprocess
+
+
+def _launch(*flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit.launch_server", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_taken_port_is_one_clear_line_naming_its_holder_and_exit_1(workers: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = _launch("--http-workers", workers, "--port", str(port))
+    assert result.returncode == 1
+    errors = [line for line in result.stdout.splitlines() if "error" in line]
+    assert len(errors) == 1, result.stdout
+    assert f"cannot listen on 127.0.0.1:{port}: the port is already in use" in errors[0]
+    assert f"held by pid {os.getpid()}" in errors[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "Load weight" not in result.stdout  # nothing was loaded
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="this machine has the CUDA device the test asks for"
+)
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_missing_cuda_device_is_one_clear_line_and_exit_1(workers: str) -> None:
+    result = _launch("--device", "cuda", "--http-workers", workers, "--port", "0")
+    assert result.returncode == 1
+    assert "--device cuda was asked for, but torch" in result.stdout
+    assert "sees no CUDA device" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+# A stand-in for a notebook kernel: it launches the bundled server, waits until it embeds, prints
+# the server's pid, then either lingers (to be killed) or returns (exiting the interpreter).
+_KERNEL = textwrap.dedent(
+    """
+    import sys, time
+    from toolkit.utils import launch_server_cmd, wait_for_server
+    process, port = launch_server_cmd("python3 -m toolkit.launch_server")
+    wait_for_server(f"http://127.0.0.1:{port}", timeout=180, process=process)
+    print("SERVER", process.pid, flush=True)
+    if sys.argv[1] == "linger":
+        time.sleep(600)
+    """
+)
+
+
+def _kernel(how: str) -> tuple[subprocess.Popen[str], psutil.Process]:
+    kernel = subprocess.Popen(
+        [sys.executable, "-c", _KERNEL, how], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert kernel.stdout is not None
+    for line in kernel.stdout:
+        if line.startswith("SERVER "):
+            return kernel, psutil.Process(int(line.split()[1]))
+    kernel.communicate()
+    raise AssertionError(f"the kernel exited with {kernel.returncode} before its server was ready")
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_server_stops_when_the_kernel_that_launched_it_is_killed() -> None:
+    kernel, server = _kernel("linger")
+    try:
+        os.kill(kernel.pid, signal.SIGKILL)
+        kernel.communicate(timeout=30)
+        wait_until(lambda: _gone(server), "the orphaned server stopped", timeout=60)
+    finally:
+        if not _gone(server):
+            server.kill()
+
+
+def test_a_server_stops_when_the_kernel_exits_without_stopping_it() -> None:
+    kernel, server = _kernel("exit")
+    try:
+        kernel.communicate(timeout=60)
+        assert kernel.returncode == 0
+        assert _gone(server)  # stopped at interpreter exit, before the kernel returned
+    finally:
+        if not _gone(server):
+            server.kill()
