@@ -3,8 +3,9 @@
 pytest-notebook executes each notebook in a fresh kernel and raises if a cell fails or times out.
 The outputs are then compared with the committed ones after masking what legitimately changes from
 run to run (see ``REPLACEMENTS``). The server's log lines are streamed into whichever cell is
-running when they arrive, so they are removed entirely, and the stream outputs they leave empty are
-dropped.
+running when they arrive, so they are removed from that comparison (and the stream outputs they
+leave empty are dropped); instead the set of their shapes (numbers, ids and paths masked) must be
+the same in both, so a stored log that the server no longer writes fails the test.
 
 To refresh the committed outputs after an intended change::
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import uuid
 from collections.abc import Iterator
@@ -53,6 +55,14 @@ REPLACEMENTS: tuple[tuple[str, str, str], ...] = (
     (OUTPUTS, r"(?<![\w.])\d+(?:\.\d+)? ?(?:ns|us|µs|ms|s|sec|seconds|min)\b", "<DURATION>"),
     # Float digits beyond the 4th decimal: the last bits differ between CPUs and BLAS builds.
     (OUTPUTS, r"(\d\.\d{4})\d+", r"\1"),
+)
+# A server log line, tagged with a time and, in a front end, the process; and what its shape masks.
+LOG_LINE = re.compile(r"\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?: [^\]\n]*)?\] ([^\n]*)")
+SHAPE_MASKS: tuple[tuple[str, str], ...] = (
+    (r"\b([a-z_]+)=[^\s,;]+", r"\1=<V>"),  # the access line's fields, whichever request it was
+    (r"(?:/[\w.@+-]+)+/?", "<PATH>"),
+    (r"\b[0-9a-f]{32}\b", "<ID>"),
+    (r"\d+(?:\.\d+)?", "<N>"),
 )
 # Paths whose differences never fail the test: tracebacks (ANSI colours, file paths) and what the
 # kernel reports about itself (its Python version) after running the notebook.
@@ -133,10 +143,30 @@ def check_notebook(path: Path, exec_env: dict[str, str], regenerate: bool = Fals
 
     expected, actual = normalized(result.nb_initial), normalized(result.nb_final)
     diff = filter_diff(diff_notebooks(expected, actual), set(IGNORED))
-    if diff and regenerate:
+    logs_then, logs_now = log_shapes(result.nb_initial), log_shapes(result.nb_final)
+    if (diff or logs_then != logs_now) and regenerate:
         nbformat.write(result.nb_final, path)
         pytest.fail(f"{path.name}: outputs changed; wrote the new ones, review them with git diff")
     assert not diff, f"{path.name}: outputs differ from the committed ones\n{diff_to_string(expected, diff)}"
+    assert logs_then == logs_now, (
+        f"{path.name}: the stored server log has lines the server no longer writes:\n"
+        + "\n".join(f"  stored only: {line}" for line in sorted(logs_then - logs_now))
+        + "\n"
+        + "\n".join(f"  written now: {line}" for line in sorted(logs_now - logs_then))
+    )
+
+
+def log_shapes(notebook: NotebookNode) -> set[str]:
+    """The shapes of every server log line in the notebook's outputs."""
+    shapes = set()
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            for match in LOG_LINE.finditer(output.get("text", "")):
+                shape = match.group(1)
+                for pattern, mask in SHAPE_MASKS:
+                    shape = re.sub(pattern, mask, shape)
+                shapes.add(shape)
+    return shapes
 
 
 def _stop_processes_marked(marker: str) -> list[str]:
@@ -204,6 +234,15 @@ def test_checker_masks_what_varies(tmp_path: Path, kernel_env: dict[str, str]) -
 def test_checker_fails_on_changed_output(tmp_path: Path, kernel_env: dict[str, str]) -> None:
     with pytest.raises(AssertionError, match="outputs differ"):
         check_notebook(_notebook(tmp_path, "print('dimensions:', 384)", "dimensions: 768\n"), kernel_env)
+
+
+def test_checker_fails_on_a_log_line_the_server_no_longer_writes(
+    tmp_path: Path, kernel_env: dict[str, str]
+) -> None:
+    cell = "import time\nprint(f\"[{time.strftime('%Y-%m-%d %H:%M:%S')}] Ready: 384 dimensions\", flush=True)"
+    stored = "[2026-01-02 03:04:05] The server is ready to embed.\n"
+    with pytest.raises(AssertionError, match=r"stored only: The server is ready to embed\."):
+        check_notebook(_notebook(tmp_path, cell, stored), kernel_env)
 
 
 def test_checker_fails_on_raising_cell(tmp_path: Path, kernel_env: dict[str, str]) -> None:

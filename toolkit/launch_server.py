@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     pin_mmap_threshold()
     use_transparent_huge_pages()  # before torch is imported
-    logger.info("server_args=%s", args.describe())
+    logger.info("%s", args.banner())
+    logger.debug("server_args=%s", args.describe())
     if parent:
         stop_with_parent(parent)
     try:

@@ -1,14 +1,20 @@
-"""Server configuration: one dataclass, built once from the command line and the environment."""
+"""Server configuration: one dataclass, built once from the command line and the environment.
+
+Every flag has an environment variable, `TOOLKIT_` and its name in capitals (`--max-batch-tokens`:
+`TOOLKIT_MAX_BATCH_TOKENS`); a flag on the command line wins over its variable. `--help` shows
+each flag's default and variable.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from toolkit import __version__
 from toolkit.environment import LISTEN_FD_ENV
 from toolkit.service.inference import RequestLimits
 from toolkit.service.model_spec import POOLING_MODES, EmbeddingSpec
@@ -58,7 +64,7 @@ class ServerArgs:
     ) -> ServerArgs:
         """Parse the command line; `environ` (default os.environ) is the only environment read."""
         environ = os.environ if environ is None else environ
-        namespace = build_parser().parse_args(argv)
+        namespace = build_parser(environ).parse_args(argv)
         values = vars(namespace)
         fd = environ.get(LISTEN_FD_ENV)
         values["listen_fd"] = int(fd) if fd and fd.isdigit() else None
@@ -76,6 +82,22 @@ class ServerArgs:
             default_prompt_name=self.default_prompt_name or spec.default_prompt_name,
             max_tokens_per_request=self.max_tokens_per_request,
         )
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def banner(self) -> str:
+        """The start-up line: what is served where, and the settings changed from the defaults."""
+        changed = [
+            f"{field.name}={'***' if field.name == 'api_key' else getattr(self, field.name)!r}"
+            for field in dataclasses.fields(self)
+            if field.name not in ("model_path", "host", "port", "listen_fd")
+            and getattr(self, field.name) != field.default
+        ]
+        settings = f"; settings: {', '.join(changed)}" if changed else ""
+        return f"toolkit {__version__} starting: {self.model_name} at {self.url}{settings}"
 
     def describe(self) -> str:
         """`ServerArgs(...)` with the api key masked, for the one start-up log line."""
@@ -111,19 +133,63 @@ def _origins(text: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in text.split(",") if origin.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
+ENV_PREFIX = "TOOLKIT_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m toolkit.launch_server",
-        description="Serve an embedding model over an OpenAI-compatible HTTP API.",
+        description="Serve an embedding model over an OpenAI-compatible HTTP API. Every flag can "
+        "also be set by its environment variable; the command line wins.",
     )
-    _model_flags(parser.add_argument)
-    _http_flags(parser.add_argument)
-    _limit_flags(parser.add_argument)
-    _performance_flags(parser.add_argument)
+    parser.add_argument("--version", action="version", version=f"toolkit {__version__}")
+    add = _FlagAdder(parser, os.environ if environ is None else environ)
+    _model_flags(add)
+    _http_flags(add)
+    _limit_flags(add)
+    _performance_flags(add)
     return parser
 
 
-def _model_flags(add: Callable[..., Any]) -> None:
+class _FlagAdder:
+    """Adds a flag whose help ends with its default and environment variable, and whose default
+    is that variable's value when it is set."""
+
+    def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+        self.parser = parser
+        self.environ = environ
+
+    def __call__(self, *names: str, **options: Any) -> None:
+        dest = options.get("dest") or names[0].lstrip("-").replace("-", "_")
+        variable = ENV_PREFIX + dest.upper()
+        if variable in self.environ:
+            options["default"] = self._from_environment(variable, self.environ[variable], options)
+        default = options.get("default")
+        shown = "" if default in (None, False, ()) else f" [default: {_shown(default)}]"
+        options["help"] = f"{options.get('help', '')}{shown} [env: {variable}]".strip()
+        self.parser.add_argument(*names, **options)
+
+    def _from_environment(self, variable: str, text: str, options: dict[str, Any]) -> Any:
+        action = options.get("action")
+        if action in ("store_true", "store_false", argparse.BooleanOptionalAction):
+            if text.lower() not in _TRUE | _FALSE:
+                self.parser.error(f"{variable}={text!r}: expected one of {sorted(_TRUE | _FALSE)}")
+            return text.lower() in _TRUE
+        try:
+            value = options.get("type", str)(text)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            self.parser.error(f"{variable}={text!r}: {exc}")
+        if "choices" in options and value not in options["choices"]:
+            self.parser.error(f"{variable}={text!r}: expected one of {list(options['choices'])}")
+        return value
+
+
+def _shown(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _model_flags(add: _FlagAdder) -> None:
     add("--model-path", help="local directory or Hugging Face id; default: bundled all-MiniLM-L6-v2")
     add("--tokenizer-path", help="tokenizer directory when it differs from the model's")
     add("--served-model-name", help="the `model` id clients send (default: --model-path)")
@@ -133,25 +199,45 @@ def _model_flags(add: Callable[..., Any]) -> None:
         default=True,
         help="accepted for compatibility with SGLang: this server only serves embeddings",
     )
-    add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights and activations; auto: bfloat16 on CUDA, float32 (exact) on a CPU",
+    )
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees it")
     add("--context-length", type=_positive_int, help="max tokens per input (default: the model's)")
     add("--pooling", choices=POOLING_MODES, help="override the model's pooling")
-    add("--normalize", action=argparse.BooleanOptionalAction, default=None)
+    add(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override whether embeddings are scaled to unit length (default: as the model says)",
+    )
     add("--default-prompt-name", help="a key of the model's prompts applied when none is asked")
     add(
         "--truncate",
         action="store_true",
         help="truncate over-long inputs instead of rejecting them (per request: `truncate`)",
     )
-    add("--truncation-side", default="right", choices=["left", "right"])
+    add(
+        "--truncation-side",
+        default="right",
+        choices=["left", "right"],
+        help="which end of an over-long input truncation cuts (per request: `truncation_side`)",
+    )
 
 
-def _http_flags(add: Callable[..., Any]) -> None:
-    add("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    add("--port", type=int, default=30000)
+def _http_flags(add: _FlagAdder) -> None:
+    add("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for every interface")
+    add("--port", type=int, default=30000, help="TCP port to listen on")
     add("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
-    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="debug adds each batch and the readiness polls",
+    )
     add(
         "--drain-timeout",
         type=_positive_float,
@@ -174,11 +260,11 @@ def _http_flags(add: Callable[..., Any]) -> None:
     )
 
 
-def _limit_flags(add: Callable[..., Any]) -> None:
+def _limit_flags(add: _FlagAdder) -> None:
     add(
         "--max-batch-tokens",
         type=_positive_int,
-        help="token budget of a batch (default: 32768 on CUDA, 8192 on CPU)",
+        help="token budget of a batch (32768 on CUDA, 8192 on a CPU unless set)",
     )
     add(
         "--max-queued-tokens",
@@ -192,17 +278,27 @@ def _limit_flags(add: Callable[..., Any]) -> None:
         default=65_536,
         help="inputs waiting at most; beyond it requests get 429",
     )
-    add("--max-inputs-per-request", type=_positive_int, default=2048)
+    add(
+        "--max-inputs-per-request",
+        type=_positive_int,
+        default=2048,
+        help="texts or token-id lists in one request; beyond it 400",
+    )
     add(
         "--max-tokens-per-request",
         type=_positive_int,
         default=300_000,
         help="tokens of all inputs of one request together, as OpenAI caps them; beyond it 400",
     )
-    add("--max-request-bytes", type=_positive_int, default=128 * 1024 * 1024, help="beyond it 413")
+    add(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=128 * 1024 * 1024,
+        help="request bodies larger than this get 413",
+    )
 
 
-def _performance_flags(add: Callable[..., Any]) -> None:
+def _performance_flags(add: _FlagAdder) -> None:
     add("--no-warmup", dest="warmup", action="store_false", help="skip the start-up warm-up")
     add(
         "--compile",
@@ -215,7 +311,7 @@ def _performance_flags(add: Callable[..., Any]) -> None:
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="replay CUDA graphs of recurring batch shapes, padded to buckets (CUDA only; default on)",
+        help="replay CUDA graphs of recurring batch shapes, padded to buckets (CUDA only)",
     )
     add(
         "--cpu-workers",

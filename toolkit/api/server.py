@@ -35,7 +35,8 @@ def serve_http(args: ServerArgs, files: ModelFiles, load: ServiceLoader, sock: s
         host=args.host,
         port=args.port,
         log_config=None,
-        log_level=args.log_level,
+        # uvicorn's own start and stop lines say nothing the server's own lines do not.
+        log_level=args.log_level if args.log_level == "debug" else "warning",
         # toolkit.access logs each request once, with its inputs and tokens, and keeps probes
         # at debug level; uvicorn's access log would repeat every line, probes included.
         access_log=False,

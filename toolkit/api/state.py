@@ -76,7 +76,13 @@ async def load_service(
         return
     service.start(on_batch=state.metrics.observe_batch)
     state.service = service
-    logger.info("The server is ready to embed with %s.", state.args.model_name)
+    logger.info(
+        "Ready: %s, %d dimensions, up to %d tokens per input, at %s",
+        state.args.model_name,
+        service.embedding_dim,
+        service.limits.context_length,
+        state.args.url,
+    )
 
 
 async def _in_daemon_thread(work: Callable[[], T]) -> T:

@@ -55,12 +55,12 @@ def _load_on_device_thread(
     started = time.perf_counter()
     model = load_model(files.spec.transformer_dir, device, dtype)
     logger.info(
-        "Load weight end. implementation=%s, type=%s, dtype=%s, device=%s, %.2f s",
-        model.implementation,
-        type(model.module).__name__,
-        dtype,
-        device,
+        "Loaded the weights in %.2f s: %s (%s) in %s on %s.",
         time.perf_counter() - started,
+        type(model.module).__name__,
+        "packed forward" if model.implementation == "native" else "transformers, padded",
+        str(dtype).removeprefix("torch."),
+        device,
     )
     spec = files.spec
     compile_blocks = getattr(model.module, "compile_blocks", None)
@@ -105,7 +105,7 @@ def _warm_up(runner: Runner, tokenizer: TextTokenizer, context_length: int, comp
     if compiled:
         runner.run([WorkItem(short[:1])])
         runner.run([WorkItem((short * context_length)[:n]) for n in (2, 17, min(200, context_length))])
-    logger.info("Warm-up done in %.2f s.", time.perf_counter() - started)
+    logger.debug("Warm-up done in %.2f s.", time.perf_counter() - started)
 
 
 def _context_length(args: ServerArgs, spec: EmbeddingSpec, model_limit: int) -> int:

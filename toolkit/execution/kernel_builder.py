@@ -39,6 +39,6 @@ def build_short_batch_kernels(module: torch.nn.Module, device_threads: DeviceThr
             except Exception as exc:  # shutting down (jobs refused or cancelled), or a oneDNN error
                 logger.debug("short-batch kernels built up to %d rows only: %r", rows - 1, exc)
                 return
-        logger.info("Short-batch kernels built in %.2f s.", time.perf_counter() - started)
+        logger.debug("Short-batch kernels built in %.2f s.", time.perf_counter() - started)
 
     threading.Thread(target=build_all, name="kernel-builder", daemon=True).start()

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-from tqdm import tqdm
+from safetensors import safe_open
 
 from toolkit.errors import ModelLoadError
 from toolkit.models.base import LoadedModel
@@ -24,6 +23,8 @@ from toolkit.models.registry import family_of
 from toolkit.models.short_batch_linear import pack_linear_weights
 
 logger = logging.getLogger(__name__)
+
+_PROGRESS_FROM_BYTES = 2**30
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def _load_native(
     module.load_state_dict(state, strict=True, assign=True)
     module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if device.type == "cpu" and pack_linear_weights(module):
-        logger.info("Short batches take oneDNN products with weights packed at load: faster than MKL here.")
+        logger.debug("Short batches take oneDNN products with weights packed at load: faster than MKL here.")
     return LoadedModel(
         forward=module,
         module=module,
@@ -88,12 +89,28 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(
             f"no *.safetensors weights in {model_dir} (only safetensors checkpoints are loaded)"
         )
+    progress = _Progress(sum(file.stat().st_size for file in files))
     weights: dict[str, torch.Tensor] = {}
-    # A bar for one shard says nothing the next log line doesn't; sharded checkpoints get one.
-    shards = tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard", disable=len(files) < 2)
-    for file in shards:
-        weights.update(load_file(file))
+    for file in files:
+        with safe_open(file, framework="pt") as shard:
+            for key in shard.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                weights[key] = tensor = shard.get_tensor(key)
+                progress.advance(tensor.numel() * tensor.element_size())
     return weights
+
+
+class _Progress:
+    """Logs each quarter of a large checkpoint read, so that a slow disk shows progress."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total, self.done = total_bytes, 0
+        self.next_quarter = 1 if total_bytes >= _PROGRESS_FROM_BYTES else 5
+
+    def advance(self, size: int) -> None:
+        self.done += size
+        while self.next_quarter < 4 and self.done >= self.next_quarter * self.total / 4:
+            logger.info("Read %d%% of the weights' %.1f GB.", 25 * self.next_quarter, self.total / 2**30)
+            self.next_quarter += 1
 
 
 def _strip_prefix(weights: dict[str, torch.Tensor], anchor: str) -> dict[str, torch.Tensor]:

@@ -220,8 +220,8 @@ class Batcher:
             self._withdraw(entry)
             batch.append(entry)
             tokens += entry.num_tokens
-        if batch:
-            logger.info(
+        if batch and logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
                 "Batch. #seq: %d, #token: %d, #queue-seq: %d, #queue-token: %d",
                 len(batch),
                 tokens,

