@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 
 import psutil
 import pytest
+import requests
 
 from tests.helpers.waiting import wait_until
 
@@ -107,3 +109,57 @@ def test_a_server_stops_when_the_kernel_exits_without_stopping_it() -> None:
     finally:
         if not _gone(server):
             server.kill()
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line_and_exits_non_zero() -> None:
+    """The first Ctrl+C drains; a second one cuts the request in flight and ends the process,
+    without a traceback or a 500 (a batch finishing for a cancelled request was one)."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "toolkit.launch_server", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(server.stdout or []), daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{port}"
+    answer: dict[str, object] = {}
+
+    def long_request() -> None:
+        try:
+            body = {"input": ["word " * 200] * 1400}
+            answer["status"] = requests.post(f"{url}/v1/embeddings", json=body, timeout=120).status_code
+        except requests.ConnectionError as exc:
+            answer["error"] = exc
+
+    try:
+        wait_until(lambda: any("Ready:" in line for line in lines), "the server is ready", 120)
+        client = threading.Thread(target=long_request)
+        client.start()
+        wait_until(lambda: _in_flight(url) == 1, "the long request is in flight")
+        server.send_signal(signal.SIGINT)
+        wait_until(lambda: any("Received SIGINT" in line for line in lines), "the drain began")
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 130
+        client.join(60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        reader.join(10)
+        assert server.stdout is not None
+        server.stdout.close()
+    output = "".join(lines)
+    assert "error" in answer, answer  # the connection was cut, not answered with a 500
+    assert output.count("Interrupted again: stopping now") == 1
+    assert "Traceback" not in output
+
+
+def _in_flight(url: str) -> float:
+    for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("toolkit_requests_in_flight "):
+            return float(line.split()[-1])
+    return 0.0

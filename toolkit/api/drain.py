@@ -9,7 +9,8 @@ On SIGTERM (or a first Ctrl+C) the server drains, as proxies like Envoy do:
   instead of a refused or reset connection;
 - once no admitted request is left, or after `--drain-timeout` seconds, uvicorn's own shutdown
   closes the socket and the connections, the lifespan stops the batcher and the runner, and the
-  process exits with 0.
+  process exits with 0;
+- a second Ctrl+C during the drain stops the process at once, with one log line and exit code 130.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 # Once the drain is over, connections still sending an answer get this long to finish.
 _MIN_CLOSE_GRACE_S = 1.0
+_INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process ended by Ctrl+C
 
 
 Client = tuple[str, int]
@@ -88,10 +91,17 @@ class DrainingServer(uvicorn.Server):
     shutting down, so the process would end "killed by SIGTERM".
     """
 
-    def __init__(self, config: uvicorn.Config, admission: Admission, drain_timeout: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        admission: Admission,
+        drain_timeout: float,
+        stop_now: Callable[[int], NoReturn],
+    ) -> None:
         super().__init__(config)
         self.admission = admission
         self.drain_timeout = drain_timeout
+        self.stop_now = stop_now
         self._drain_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -108,9 +118,12 @@ class DrainingServer(uvicorn.Server):
                 self.drain_timeout,
             )
         elif sig == signal.SIGINT:
-            # Repeated Ctrl+C: stop draining, then stop waiting for connections (as uvicorn does).
-            self.force_exit = self.should_exit
-            self.should_exit = True
+            # A second Ctrl+C: stop at once. The requests in flight lose their connections; the
+            # device thread is not waited for.
+            logger.warning(
+                "Interrupted again: stopping now, cutting %d requests in flight.", self.admission.in_flight
+            )
+            self.stop_now(_INTERRUPTED_EXIT_CODE)
 
     async def on_tick(self, counter: int) -> bool:
         # uvicorn calls this every 0.1 s; returning True starts its shutdown.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from typing import NoReturn
 
 import uvicorn
 
@@ -19,8 +20,15 @@ from toolkit.service.model_files import ModelFiles
 ServiceLoader = Callable[[Callable[[BaseException], None]], InferenceService]
 
 
-def serve_http(args: ServerArgs, files: ModelFiles, load: ServiceLoader, sock: socket.socket) -> int:
-    """Serve on the listening socket `sock` and return the exit code."""
+def serve_http(
+    args: ServerArgs,
+    files: ModelFiles,
+    load: ServiceLoader,
+    sock: socket.socket,
+    stop_now: Callable[[int], NoReturn],
+) -> int:
+    """Serve on the listening socket `sock` and return the exit code; `stop_now(code)` ends the
+    process at once (a second Ctrl+C)."""
     state = ServerState(args=args, model_path=str(files.model_dir), tokenizer_path=str(files.tokenizer_dir))
     exit_code = 0
 
@@ -42,6 +50,6 @@ def serve_http(args: ServerArgs, files: ModelFiles, load: ServiceLoader, sock: s
         access_log=False,
         timeout_graceful_shutdown=args.drain_timeout,
     )
-    server = DrainingServer(config, state.admission, args.drain_timeout)
+    server = DrainingServer(config, state.admission, args.drain_timeout, stop_now)
     server.run(sockets=[sock])
     return exit_code

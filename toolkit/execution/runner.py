@@ -185,7 +185,7 @@ class Runner:
             # Only non-Exception throwables (SystemExit, KeyboardInterrupt...) land here.
             self._broken.set()
             logger.critical("device thread stopped: %r", exc)
-            future.set_exception(exc)
+            _settle(future, exc)
             raise
         if self.device.type == "cuda":
             self._finish_thread.submit(_finish, parts, future, self.stats)
@@ -269,7 +269,18 @@ def _collect(parts: list[_Part], stats: RunnerStats) -> list[ItemResult]:
 
 def _finish(parts: list[_Part], future: Future[list[ItemResult]], stats: RunnerStats) -> None:
     try:
-        future.set_result(_collect(parts, stats))
+        results = _collect(parts, stats)
     except Exception as exc:  # a CUDA error surfacing at synchronization
         logger.exception("finishing a batch failed")
-        future.set_exception(exc)
+        _settle(future, exc)
+        return
+    _settle(future, results)
+
+
+def _settle(future: Future[list[ItemResult]], outcome: list[ItemResult] | BaseException) -> None:
+    """Answer a batch's future, unless it was cancelled: its requests are gone, nobody waits."""
+    with contextlib.suppress(InvalidStateError):
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)

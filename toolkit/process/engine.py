@@ -34,6 +34,8 @@ from toolkit.service.model_files import ModelFiles
 
 logger = logging.getLogger(__name__)
 
+_INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process ended by Ctrl+C
+
 
 class _StopRequested(BaseException):
     """SIGTERM or SIGINT arrived while the model was loading. A BaseException, as
@@ -113,8 +115,16 @@ async def _serve(
     loop = asyncio.get_running_loop()
     service.start(on_batch=server.report_batch)
     stopping = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set() and signum == signal.SIGINT:  # a second Ctrl+C: stop at once
+            logger.warning("Interrupted again: stopping now, with the front ends.")
+            front_ends.kill()
+            exit_now(_INTERRUPTED_EXIT_CODE)
+        stopping.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     if stop_requested:  # noted between the end of loading and here
         stopping.set()
     unix_server = await asyncio.start_unix_server(server.handle, sock=link_socket)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from toolkit.api.server import serve_http
 from toolkit.environment import ENGINE_SOCKET_ENV, LISTEN_FD_ENV
-from toolkit.process.bootstrap import configure_logging, inherited_socket
+from toolkit.process.bootstrap import configure_logging, exit_now, inherited_socket
 from toolkit.scheduling.remote import RemoteBatcher, connect_to_engine
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import InferenceService, RequestLimits
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         queue = RemoteBatcher(link, on_fatal)
         return InferenceService(queue, files.tokenizer, files.spec, limits, int(served["embedding_dim"]))
 
-    return serve_http(args, files, load, inherited_socket(args.listen_fd))
+    return serve_http(args, files, load, inherited_socket(args.listen_fd), exit_now)
 
 
 if __name__ == "__main__":

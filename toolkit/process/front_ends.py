@@ -74,6 +74,11 @@ class FrontEnds:
         while any(process.poll() is None for process in self.processes):
             await asyncio.sleep(POLL_S)
 
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+
     def stop(self) -> None:
         """Make sure no front end outlives the engine (after a failed start, say)."""
         for process in self.processes:

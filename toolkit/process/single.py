@@ -27,7 +27,7 @@ def main(args: ServerArgs, files: ModelFiles, sock: socket.socket) -> int:
         loaded.set()
         return service
 
-    exit_code = serve_http(args, files, load, sock)
+    exit_code = serve_http(args, files, load, sock, exit_now)
     if not loaded.is_set():  # stopped (or failed) before the model was ready
         exit_now(exit_code)
     return exit_code
