@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.api_calls import assert_openai_error, embed, vectors
+from tests.helpers.servers import fake_service, start_test_client
 from toolkit.server_args import DEFAULT_MODEL_NAME
 
 TEXTS = ["Once upon a time", "The quick brown fox jumps over the lazy dog.", "embeddings!"]
@@ -150,3 +151,21 @@ def test_model_listing_and_info(fake_client) -> None:
     assert info["model_path"] == info["tokenizer_path"]
     assert info["embedding_dim"] == 384 and info["pooling"] == ["mean"]
     assert fake_client.get("/health").json() == {"status": "ok"}
+
+
+def test_token_ids_another_tokenizer_made_are_embedded_with_a_warning(caplog) -> None:
+    """Ids without the model's own [CLS] ... [SEP] framing (tiktoken's, as LangChain sends them by
+    default) are embedded as asked, but the log says what probably happened, once a minute."""
+    import logging
+
+    client = start_test_client([], loader=fake_service)  # a server that has warned of nothing yet
+    framed = client.state.service.tokenizer.encode(TEXTS[:1])
+    with caplog.at_level(logging.WARNING, logger="toolkit.service.inference"):
+        assert embed(client, input=framed).status_code == 200
+        assert not caplog.records
+        for _ in range(3):
+            assert embed(client, input=[[9906, 1917]]).status_code == 200
+    client.__exit__(None, None, None)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "check_embedding_ctx_length=False" in warnings[0]
+    assert "first [101], last [102]" in warnings[0]

@@ -8,6 +8,8 @@ content against the model (`toolkit.service.validation`), once, for every route.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,10 @@ from toolkit.service.validation import (
     check_total_tokens,
     resolve_prompt,
 )
+
+logger = logging.getLogger(__name__)
+
+FOREIGN_IDS_WARNING_EVERY_S = 60.0
 
 # Texts this short are tokenized on the event loop: cheaper than the hop to a worker thread and
 # back (docs/performance.md, "Tokenization").
@@ -85,6 +91,7 @@ class InferenceService:
         self.spec = spec
         self.limits = limits
         self.embedding_dim = embedding_dim
+        self._foreign_ids_warned = -FOREIGN_IDS_WARNING_EVERY_S
 
     # --- lifecycle: on the event loop that will serve requests ---
 
@@ -139,8 +146,29 @@ class InferenceService:
             check_count(len(request.token_ids), limits.max_inputs_per_request, param)
             for index, ids in enumerate(request.token_ids):
                 check_token_ids(ids, f"{param}[{index}]", param, limits.vocab_size, limits.context_length)
+            self._notice_foreign_ids(request.token_ids)
             return [WorkItem(ids) for ids in request.token_ids]
         raise InvalidRequestError(f"'{request.param}' is required", param=request.param)
+
+    def _notice_foreign_ids(self, token_ids: Sequence[Sequence[int]]) -> None:
+        """Warn (at most once a minute) of token ids that lack the special tokens this model's
+        tokenizer frames every input with: they were most likely made by another tokenizer, and
+        their embedding means nothing. LangChain's OpenAIEmbeddings sends OpenAI's tiktoken ids
+        unless check_embedding_ctx_length=False."""
+        if all(self.tokenizer.frames(ids) for ids in token_ids):
+            return
+        now = time.monotonic()
+        if now - self._foreign_ids_warned < FOREIGN_IDS_WARNING_EVERY_S:
+            return
+        self._foreign_ids_warned = now
+        prefix, suffix = self.tokenizer.framing
+        logger.warning(
+            "Token ids without this model's framing (first %s, last %s) were embedded as given: "
+            "if another tokenizer made them (LangChain's OpenAIEmbeddings does unless "
+            "check_embedding_ctx_length=False), send text instead.",
+            list(prefix),
+            list(suffix),
+        )
 
     async def _text_items(self, request: EmbedRequest, texts: Sequence[str]) -> list[WorkItem]:
         check_count(len(texts), self.limits.max_inputs_per_request, request.param)

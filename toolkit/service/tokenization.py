@@ -8,6 +8,7 @@ so that an over-long input is an error unless the client asked for truncation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -57,6 +58,23 @@ class TextTokenizer:
             tokenizer.enable_truncation(max_length, direction=side)
             self._truncating[(side, max_length)] = tokenizer
         return [e.ids for e in self._encode_batch(tokenizer, texts)]
+
+    @cached_property
+    def framing(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The special token ids this tokenizer puts before and after every input ((101,), (102,)
+        for BERT); empty where it adds none."""
+        encoding = self._plain.encode("a", add_special_tokens=True)
+        ids, special = encoding.ids, encoding.special_tokens_mask
+        lead = next((i for i, flag in enumerate(special) if not flag), len(ids))
+        trail = next((i for i, flag in enumerate(reversed(special)) if not flag), 0)
+        return tuple(ids[:lead]), tuple(ids[len(ids) - trail :])
+
+    def frames(self, ids: Sequence[int]) -> bool:
+        """Whether `ids` start and end with this tokenizer's special tokens, as its own output does."""
+        prefix, suffix = self.framing
+        if len(ids) < len(prefix) + len(suffix):
+            return False
+        return tuple(ids[: len(prefix)]) == prefix and (not suffix or tuple(ids[-len(suffix) :]) == suffix)
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens the prompt occupies at the start of an input, as sentence-transformers counts:
