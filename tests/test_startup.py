@@ -227,7 +227,7 @@ def test_short_texts_are_tokenized_on_the_event_loop_long_ones_beside_it() -> No
         service.queue.start()
         try:
             for text in ("a short query", long_text):
-                result = await service.embed(EmbedRequest(texts=[text]))
+                result = await service.embed(EmbedRequest(inputs=[text]))
                 assert result.embeddings.shape == (1, 384)
         finally:
             await service.queue.stop()

@@ -16,8 +16,8 @@ from typing import Any
 
 from toolkit import __version__
 from toolkit.environment import LISTEN_FD_ENV
-from toolkit.service.inference import RequestLimits
 from toolkit.service.model_spec import POOLING_MODES, EmbeddingSpec
+from toolkit.service.validation import RequestLimits
 
 
 @dataclass(frozen=True)

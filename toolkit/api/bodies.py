@@ -3,6 +3,7 @@ service request, and shape the service's result as each route answers it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any, TypeVar
 
@@ -19,12 +20,19 @@ from toolkit.service.inference import EmbedRequest, EmbedResult
 
 Body = TypeVar("Body", bound=BaseModel)
 
+INLINE_PARSE_BYTES = 256 * 1024  # parsing this much JSON takes well under a millisecond
+
 
 async def parse_body(request: Request, schema: type[Body]) -> Body:
-    """Parse the body as JSON whatever its Content-Type (curl -d sends form encoding by default)."""
+    """Parse the body as JSON whatever its Content-Type (curl -d sends form encoding by default);
+    a large body is parsed beside the event loop, which must stay free for other requests."""
     raw = await request.body()
     try:
-        data = orjson.loads(raw)
+        data = (
+            orjson.loads(raw)
+            if len(raw) <= INLINE_PARSE_BYTES
+            else await asyncio.to_thread(orjson.loads, raw)
+        )
     except orjson.JSONDecodeError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     try:
@@ -43,30 +51,28 @@ def json_body(schema: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-def embed_request(raw: Any, body: EmbeddingRequest | EncodeRequest, param: str = "input") -> EmbedRequest:
-    """Sort the four input forms into texts or token-id lists."""
-    options: dict[str, Any] = {
-        "param": param,
-        "dimensions": body.dimensions,
-        "prompt": body.prompt,
-        "prompt_name": body.prompt_name,
-        "truncate": body.truncate,
-        "truncation_side": body.truncation_side,
-    }
-    if is_single_input(raw):
-        return (
-            EmbedRequest(texts=[raw], **options)
-            if isinstance(raw, str)
-            else EmbedRequest(token_ids=[raw], **options)
-        )
-    if raw and isinstance(raw[0], list):
-        return EmbedRequest(token_ids=raw, **options)
-    return EmbedRequest(texts=raw, **options)
+def embed_request(
+    raw: Any,
+    body: EmbeddingRequest | EncodeRequest,
+    param: str = "input",
+    accepts: str = "texts or token ids",
+) -> EmbedRequest:
+    """The service's request for a body's raw inputs (the service sorts and checks them)."""
+    return EmbedRequest(
+        inputs=raw,
+        param=param,
+        accepts=accepts,
+        dimensions=body.dimensions,
+        prompt=body.prompt,
+        prompt_name=body.prompt_name,
+        truncate=body.truncate,
+        truncation_side=body.truncation_side,
+    )
 
 
 def is_single_input(raw: Any) -> bool:
     """One text or one token-id list, as opposed to a list of them."""
-    return isinstance(raw, str) or bool(raw and isinstance(raw[0], int))
+    return isinstance(raw, str) or bool(isinstance(raw, list) and raw and isinstance(raw[0], int))
 
 
 def embeddings_data(result: EmbedResult, as_base64: bool) -> list[dict[str, Any]]:

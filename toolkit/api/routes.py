@@ -79,8 +79,8 @@ def add_embedding_routes(app: FastAPI, state: ServerState, authorized: list[Depe
             if (body.text is None) == (body.input_ids is None):
                 raise InvalidRequestError("send exactly one of 'text' or 'input_ids'", param="text")
             raw = body.text if body.text is not None else body.input_ids
-            param = "text" if body.text is not None else "input_ids"
-            result = await _embed(state, request, embed_request(raw, body, param=param))
+            param, accepts = ("text", "texts") if body.text is not None else ("input_ids", "token ids")
+            result = await _embed(state, request, embed_request(raw, body, param, accepts))
         items = encode_items(result)
         return JSONResponse(items[0] if is_single_input(raw) else items)
 

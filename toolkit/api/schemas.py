@@ -1,10 +1,15 @@
-"""Request bodies of the HTTP API. Strict types: "1" is not a token id and true is not a string."""
+"""Request bodies of the HTTP API. Strict types: "1" is not a token id and true is not a string.
+
+The inputs themselves (`input`, `text`, `input_ids`) are described here for the OpenAPI schema but
+not validated by pydantic: `toolkit.service.validation.sort_inputs` checks them, counts and
+lengths before elements, where pydantic would build an error for every element of a million.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, SkipValidation, StrictBool, StrictInt, StrictStr
 
 TokenIds = list[StrictInt]
 EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
@@ -15,7 +20,7 @@ class EmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    input: EmbeddingInput
+    input: SkipValidation[EmbeddingInput]
     model: StrictStr | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = None
@@ -31,8 +36,8 @@ class EncodeRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    text: StrictStr | list[StrictStr] | None = None
-    input_ids: TokenIds | list[TokenIds] | None = None
+    text: SkipValidation[StrictStr | list[StrictStr] | None] = None
+    input_ids: SkipValidation[TokenIds | list[TokenIds] | None] = None
     dimensions: StrictInt | None = None
     prompt_name: StrictStr | None = None
     prompt: StrictStr | None = None

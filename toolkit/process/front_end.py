@@ -22,8 +22,9 @@ from toolkit.environment import ENGINE_SOCKET_ENV, LISTEN_FD_ENV
 from toolkit.process.bootstrap import configure_logging, exit_now, inherited_socket
 from toolkit.scheduling.remote import RemoteBatcher, connect_to_engine
 from toolkit.server_args import ServerArgs
-from toolkit.service.inference import InferenceService, RequestLimits
+from toolkit.service.inference import InferenceService
 from toolkit.service.model_files import read_model_files
+from toolkit.service.validation import RequestLimits
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The inference service: validate a request, tokenize it (off the event loop unless short), admit
 it to the batch queue, await its embeddings.
 
-The HTTP layer hands over inputs that its schema has already typed; the service checks their
-content against the model (`toolkit.service.validation`), once, for every route.
+The HTTP layer hands over the request's raw inputs; the service sorts and checks them against
+the model (`toolkit.service.validation`), cheap checks first, once, for every route.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from toolkit.scheduling.work import BatchQueue, WorkItem
 from toolkit.service.model_spec import EmbeddingSpec
 from toolkit.service.tokenization import TextTokenizer
 from toolkit.service.validation import (
-    check_count,
+    RequestLimits,
     check_dimensions,
-    check_texts,
-    check_token_ids,
     check_total_tokens,
+    check_vocabulary,
     resolve_prompt,
+    sort_inputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,13 +38,19 @@ FOREIGN_IDS_WARNING_EVERY_S = 60.0
 INLINE_TOKENIZE_CHARS = 256
 
 
+# A text may hold this many characters per token of the context before it is refused (or cut,
+# with truncation) untokenized: a bound on the tokenizer's work that no real text reaches.
+CHARS_PER_TOKEN_BOUND = 4
+
+
 @dataclass(frozen=True)
 class EmbedRequest:
-    """Inputs are all texts or all token-id lists; `param` names the field for error messages."""
+    """`inputs`: a text, texts, one token-id list or token-id lists, as a client sent them;
+    `param` names the field for error messages."""
 
-    texts: Sequence[str] | None = None
-    token_ids: Sequence[Sequence[int]] | None = None
+    inputs: object
     param: str = "input"
+    accepts: str = "texts or token ids"  # or "texts", or "token ids" (SGLang's /encode fields)
     dimensions: int | None = None
     prompt: str | None = None
     prompt_name: str | None = None
@@ -60,17 +66,6 @@ class EmbedResult:
     @property
     def prompt_tokens(self) -> int:
         return sum(self.token_counts)
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    context_length: int
-    vocab_size: int
-    max_inputs_per_request: int
-    truncate: bool
-    truncation_side: str
-    default_prompt_name: str | None
-    max_tokens_per_request: int | None = None
 
 
 class InferenceService:
@@ -92,6 +87,7 @@ class InferenceService:
         self.limits = limits
         self.embedding_dim = embedding_dim
         self._foreign_ids_warned = -FOREIGN_IDS_WARNING_EVERY_S
+        self.max_text_chars = limits.context_length * tokenizer.max_token_chars * CHARS_PER_TOKEN_BOUND
 
     # --- lifecycle: on the event loop that will serve requests ---
 
@@ -134,21 +130,27 @@ class InferenceService:
         return EmbedResult(embeddings, [len(item.token_ids) for item in items])
 
     async def _work_items(self, request: EmbedRequest) -> list[WorkItem]:
-        if request.texts is not None:
-            return await self._text_items(request, request.texts)
-        if request.token_ids is not None:
-            if request.prompt is not None or request.prompt_name is not None:
-                raise InvalidRequestError(
-                    "prompts apply to text inputs only; token ids are embedded as given",
-                    param="prompt",
-                )
-            limits, param = self.limits, request.param
-            check_count(len(request.token_ids), limits.max_inputs_per_request, param)
-            for index, ids in enumerate(request.token_ids):
-                check_token_ids(ids, f"{param}[{index}]", param, limits.vocab_size, limits.context_length)
-            self._notice_foreign_ids(request.token_ids)
-            return [WorkItem(ids) for ids in request.token_ids]
-        raise InvalidRequestError(f"'{request.param}' is required", param=request.param)
+        side = self._truncation_side(request)
+        inputs = sort_inputs(request.inputs, request.param, self.limits, self.max_text_chars, side)
+        kind = "texts" if inputs.texts is not None else "token ids"
+        if kind not in request.accepts:
+            raise InvalidRequestError(f"'{request.param}' must hold {request.accepts}", param=request.param)
+        if inputs.texts is not None:
+            return await self._text_items(request, inputs.texts)
+        assert inputs.token_ids is not None
+        if request.prompt is not None or request.prompt_name is not None:
+            raise InvalidRequestError(
+                "prompts apply to text inputs only; token ids are embedded as given", param="prompt"
+            )
+        for index, ids in enumerate(inputs.token_ids):
+            check_vocabulary(ids, f"{request.param}[{index}]", request.param, self.limits.vocab_size)
+        self._notice_foreign_ids(inputs.token_ids)
+        return [WorkItem(ids) for ids in inputs.token_ids]
+
+    def _truncation_side(self, request: EmbedRequest) -> str | None:
+        """Which end truncation cuts, or None where the request's inputs must fit whole."""
+        truncate = self.limits.truncate if request.truncate is None else request.truncate
+        return (request.truncation_side or self.limits.truncation_side) if truncate else None
 
     def _notice_foreign_ids(self, token_ids: Sequence[Sequence[int]]) -> None:
         """Warn (at most once a minute) of token ids that lack the special tokens this model's
@@ -171,8 +173,6 @@ class InferenceService:
         )
 
     async def _text_items(self, request: EmbedRequest, texts: Sequence[str]) -> list[WorkItem]:
-        check_count(len(texts), self.limits.max_inputs_per_request, request.param)
-        check_texts(texts, request.param)
         prompt = resolve_prompt(
             request.prompt, request.prompt_name, self.limits.default_prompt_name, self.spec
         )
@@ -183,37 +183,31 @@ class InferenceService:
             prompt = prompt.lower() if prompt else prompt
         if prompt:
             texts = [prompt + text for text in texts]
-        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-            ids = self.tokenizer.encode(list(texts))
-        else:  # Rust tokenization releases the GIL: run it beside the event loop, not on it
-            ids = await asyncio.to_thread(self.tokenizer.encode, list(texts))
-        ids = await self._fit_context(request, texts, ids)
+        ids = await self._tokenize(list(texts), self._truncation_side(request), request.param)
         pool_start = 0
         if prompt and not self.spec.include_prompt:
             pool_start = self.tokenizer.prompt_length(prompt)
         return [WorkItem(seq, pool_start) for seq in ids]
 
-    async def _fit_context(
-        self, request: EmbedRequest, texts: Sequence[str], ids: list[list[int]]
-    ) -> list[list[int]]:
+    async def _tokenize(self, texts: list[str], side: str | None, param: str) -> list[list[int]]:
+        """Token ids of each text: cut at the context length from `side`, or, with no side, whole
+        and refused when one is longer. Tokenized once, beside the event loop unless short."""
         limit = self.limits.context_length
-        too_long = [i for i, seq in enumerate(ids) if len(seq) > limit]
-        if not too_long:
-            return ids
-        truncate = self.limits.truncate if request.truncate is None else request.truncate
-        if not truncate:
-            first = too_long[0]
+
+        def encode() -> list[list[int]]:
+            if side is None:
+                return self.tokenizer.encode(texts)
+            return self.tokenizer.encode_truncated(texts, limit, side)
+
+        # Rust tokenization releases the GIL: long texts run beside the event loop, not on it.
+        ids = encode() if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)
+        first = next((i for i, seq in enumerate(ids) if len(seq) > limit), None)
+        if first is not None:
             raise ContextLengthExceededError(
-                f"{request.param}[{first}] has {len(ids[first])} tokens, more than this model's "
-                f'context length of {limit}; shorten it or send "truncate": true',
-                param=request.param,
+                f"{param}[{first}] has {len(ids[first])} tokens, more than this model's context length "
+                f'of {limit}; shorten it or send "truncate": true',
+                param=param,
             )
-        side = request.truncation_side or self.limits.truncation_side
-        cut = await asyncio.to_thread(
-            self.tokenizer.encode_truncated, [texts[i] for i in too_long], limit, side
-        )
-        for index, seq in zip(too_long, cut, strict=True):
-            ids[index] = seq
         return ids
 
 

@@ -60,6 +60,12 @@ class TextTokenizer:
         return [e.ids for e in self._encode_batch(tokenizer, texts)]
 
     @cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest token in the vocabulary (at least 1)."""
+        vocab = self._plain.get_vocab(with_added_tokens=True)
+        return max((len(token) for token in vocab), default=1)
+
+    @cached_property
     def framing(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The special token ids this tokenizer puts before and after every input ((101,), (102,)
         for BERT); empty where it adds none."""
