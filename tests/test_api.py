@@ -169,3 +169,10 @@ def test_token_ids_another_tokenizer_made_are_embedded_with_a_warning(caplog) ->
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "check_embedding_ctx_length=False" in warnings[0]
     assert "first [101], last [102]" in warnings[0]
+
+
+def test_long_values_are_echoed_cut(fake_client) -> None:
+    model = assert_openai_error(embed(fake_client, input="x", model="m" * 100_000), 404)
+    path = assert_openai_error(fake_client.get("/" + "p" * 10_000), 404)
+    assert len(model["message"]) < 400 and "(100002 characters)" in model["message"]
+    assert len(path["message"]) < 400 and "(10001 characters)" in path["message"]

@@ -62,3 +62,16 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         ServerArgs.from_cli(["--version"], environ={})
     assert capsys.readouterr().out.strip() == f"toolkit {__version__}"
+
+
+def test_the_api_key_comes_from_a_file_and_not_from_both(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    key_file = tmp_path / "key"
+    key_file.write_text("sésame\n", encoding="utf-8")
+    assert ServerArgs.from_cli(["--api-key-file", str(key_file)], environ={}).api_key == "sésame"
+    assert ServerArgs.from_cli([], environ={"TOOLKIT_API_KEY_FILE": str(key_file)}).api_key == "sésame"
+    with pytest.raises(SystemExit, match="not both"):
+        ServerArgs.from_cli(["--api-key", "x", "--api-key-file", str(key_file)], environ={})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SystemExit, match="is empty"):
+        ServerArgs.from_cli(["--api-key-file", str(tmp_path / "empty")], environ={})
+    assert "sésame" not in ServerArgs.from_cli(["--api-key-file", str(key_file)], environ={}).banner()

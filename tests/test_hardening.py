@@ -25,7 +25,7 @@ from tests.helpers.faults import (
     sample,
     scrape,
 )
-from tests.helpers.servers import ThreadedServer, fake_service, start_test_client
+from tests.helpers.servers import ThreadedServer, fake_service, start_test_client, start_threaded_server
 from tests.helpers.waiting import WAIT_S, wait_until
 
 KEY = "sesame"
@@ -340,3 +340,22 @@ def test_health_needs_no_key_but_everything_else_does(strict_client) -> None:
     assert strict_client.get("/openapi.json", headers=AUTH).json()["paths"]["/v1/embeddings"]
     assert strict_client.get("/metrics", headers=AUTH).status_code == 200
     assert strict_client.get("/get_model_info").status_code == 401
+
+
+def test_a_non_ascii_key_is_compared_as_utf_8() -> None:
+    """Over real HTTP (the test client re-encodes header bytes): the key's UTF-8 bytes pass,
+    its Latin-1 bytes do not."""
+    server = start_threaded_server(["--api-key", "sésame"], loader=fake_service)
+    body = json.dumps({"input": "hi"}).encode()
+    statuses = []
+    try:
+        for key in ("sésame".encode(), "sésame".encode("latin-1")):
+            with socket.create_connection(("127.0.0.1", port_of(server.url)), timeout=WAIT_S) as sock:
+                sock.sendall(
+                    b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (key, len(body), body)
+                )
+                statuses.append(read_response(sock)[0])
+    finally:
+        server.stop()
+    assert statuses == [200, 401]

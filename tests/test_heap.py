@@ -1,4 +1,4 @@
-"""A CPU server keeps freed activations in its heap (toolkit.process.memory), so the next batch's tensors
+"""A CPU server keeps freed activations in its heap (toolkit.execution.memory), so the next batch's tensors
 reuse pages that are already mapped instead of faulting in fresh ones."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.subprocess
 _PROBE = """
 import sys, threading, psutil, torch
 if sys.argv[1] == "keep":
-    from toolkit.process.memory import keep_freed_memory
+    from toolkit.execution.memory import keep_freed_memory
     assert keep_freed_memory()
 def load():
     torch.ones(1 << 20)

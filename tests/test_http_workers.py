@@ -116,8 +116,8 @@ class Link:
 
 @asynccontextmanager
 async def linked(tmp_path: Path, *, held: bool, max_batch_tokens: int, max_queued_tokens: int = 1000):  # type: ignore[no-untyped-def]
-    """A Batcher over a GatedRunner (its gate closed if `held`), served by a BatchServer on a
-    Unix socket, and a started RemoteBatcher connected to it."""
+    """A Batcher over a GatedRunner (its gate closed if `held`), served by a BatchServer on one
+    end of a socket pair, and a started RemoteBatcher on the other."""
     runner = GatedRunner()
     if held:
         runner.gate.clear()
@@ -131,9 +131,10 @@ async def linked(tmp_path: Path, *, held: bool, max_batch_tokens: int, max_queue
         engine_ends.append(writer)
         await service.handle(reader, writer)
 
-    path = str(tmp_path / "engine.sock")
-    server = await asyncio.start_unix_server(handle, path=path)
-    link, served = await asyncio.to_thread(connect_to_engine, path)
+    engine_end, front_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader, writer = await asyncio.open_unix_connection(sock=engine_end)
+    serving = asyncio.create_task(handle(reader, writer))
+    link, served = await asyncio.to_thread(connect_to_engine, front_end.detach())
     assert served == {"limits": {}, "embedding_dim": 1}
     lost: list[BaseException] = []
     remote = RemoteBatcher(link, lost.append)
@@ -143,7 +144,8 @@ async def linked(tmp_path: Path, *, held: bool, max_batch_tokens: int, max_queue
     finally:
         runner.gate.set()
         await remote.close()
-        server.close()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
         await batcher.stop()
 
 
@@ -422,3 +424,26 @@ def _kill_group(process: subprocess.Popen[str]) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
     process.communicate()  # reaps it and closes its output pipe
+
+
+@pytest.mark.subprocess
+def test_front_ends_get_the_api_key_by_environment_not_argv() -> None:
+    """Every user can read a process's argv (ps, /proc/PID/cmdline); its environment only its
+    owner can."""
+    process, port = launch_server_cmd(
+        "python3 -m toolkit.launch_server --http-workers 2 --api-key sesame-123", host="127.0.0.1"
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, timeout=180, api_key="sesame-123", process=process)
+        front_ends = psutil.Process(process.pid).children()
+        assert len(front_ends) == 2
+        assert all("sesame-123" not in " ".join(child.cmdline()) for child in front_ends)
+        for _ in range(4):  # whichever front end answers
+            good = requests.post(
+                f"{url}/v1/embeddings", json={"input": "hi"}, headers={"Authorization": "Bearer sesame-123"}
+            )
+            assert good.status_code == 200
+            assert requests.post(f"{url}/v1/embeddings", json={"input": "hi"}).status_code == 401
+    finally:
+        terminate_process(process)

@@ -10,7 +10,7 @@ from __future__ import annotations
 # serves on that socket, marks it non-inheritable and drops the variable for its own children.
 LISTEN_FD_ENV = "TOOLKIT_LISTEN_FD"
 
-# How the engine process tells a front-end process where its Unix socket is.
+# The descriptor of a front-end process's end of its link to the engine process.
 ENGINE_SOCKET_ENV = "TOOLKIT_ENGINE_SOCKET"
 
 # `launch_server_cmd` names its own process here ("PID:START_TIME"): the server stops once that

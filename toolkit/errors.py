@@ -6,6 +6,14 @@ The HTTP layer has exactly one handler that turns a `ToolkitError` into
 
 from __future__ import annotations
 
+ECHO_CHARS = 200
+
+
+def echoed(value: object) -> str:
+    """A client's value as an error message quotes it: its repr, cut to `ECHO_CHARS`."""
+    shown = value if isinstance(value, str) else repr(value)
+    return shown if len(shown) <= ECHO_CHARS else f"{shown[:ECHO_CHARS]}... ({len(shown)} characters)"
+
 
 class ToolkitError(Exception):
     """Base class. Subclasses fix the HTTP status and the OpenAI error `type`."""

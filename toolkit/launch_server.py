@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 from toolkit.environment import LISTEN_FD_ENV, PARENT_ENV
 from toolkit.errors import ModelLoadError
+from toolkit.execution.memory import pin_mmap_threshold, use_transparent_huge_pages
 from toolkit.process.bootstrap import bind_error, configure_logging, listening_socket, stop_with_parent
-from toolkit.process.memory import pin_mmap_threshold, use_transparent_huge_pages
 from toolkit.server_args import ServerArgs
 from toolkit.service.model_files import read_model_files
 

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
@@ -32,6 +33,7 @@ class ServerArgs:
     device: str = "auto"
     context_length: int | None = None
     api_key: str | None = None
+    api_key_file: str | None = None
     log_level: str = "info"
     max_batch_tokens: int | None = None
     max_queued_tokens: int = 1_048_576
@@ -39,6 +41,9 @@ class ServerArgs:
     max_inputs_per_request: int = 2048
     max_tokens_per_request: int = 300_000
     max_request_bytes: int = 128 * 1024 * 1024
+    max_connections: int | None = None
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
     drain_timeout: float = 30.0
     cors_allow_origins: tuple[str, ...] = ()
     pooling: str | None = None
@@ -68,6 +73,8 @@ class ServerArgs:
         values = vars(namespace)
         fd = environ.get(LISTEN_FD_ENV)
         values["listen_fd"] = int(fd) if fd and fd.isdigit() else None
+        if values["api_key_file"] is not None:
+            values["api_key"] = _read_key(values["api_key"], values["api_key_file"])
         return cls(**values)
 
     def request_limits(self, spec: EmbeddingSpec, context_length: int, vocab_size: int) -> RequestLimits:
@@ -106,6 +113,18 @@ class ServerArgs:
 
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _read_key(given: str | None, path: str) -> str:
+    if given is not None:
+        raise SystemExit("error: pass the api key with --api-key or --api-key-file, not both")
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot read --api-key-file {path}: {exc.strerror}") from None
+    if not key:
+        raise SystemExit(f"error: --api-key-file {path} is empty")
+    return key
 
 
 def _positive_int(text: str) -> int:
@@ -231,7 +250,12 @@ def _model_flags(add: _FlagAdder) -> None:
 def _http_flags(add: _FlagAdder) -> None:
     add("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for every interface")
     add("--port", type=int, default=30000, help="TCP port to listen on")
-    add("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
+    add(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` on every route but /health (visible in the "
+        "process list: prefer --api-key-file or the variable)",
+    )
+    add("--api-key-file", help="read the api key from this file (its first line, UTF-8)")
     add(
         "--log-level",
         default="info",
@@ -289,6 +313,25 @@ def _limit_flags(add: _FlagAdder) -> None:
         type=_positive_int,
         default=300_000,
         help="tokens of all inputs of one request together, as OpenAI caps them; beyond it 400",
+    )
+    add(
+        "--header-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="seconds a connection has to send a request's headers (from connecting or its last "
+        "answer) before it is closed",
+    )
+    add(
+        "--body-timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds a request's body may take to arrive after its headers before the connection is closed",
+    )
+    add(
+        "--max-connections",
+        type=_positive_int,
+        help="open connections at most; more are closed at once (unless set: the descriptor limit, "
+        "raised to its hard limit, less 256)",
     )
     add(
         "--max-request-bytes",

@@ -22,6 +22,7 @@ from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from toolkit.api.auth import api_key_check
+from toolkit.api.connections import quiet_accept_errors
 from toolkit.api.drain import CloseWhileDraining
 from toolkit.api.errors import install_error_handlers
 from toolkit.api.limits import BodySizeLimit
@@ -41,6 +42,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        quiet_accept_errors(asyncio.get_running_loop())
         loading = asyncio.create_task(load_service(state, load, on_fatal))
         try:
             yield

@@ -11,7 +11,7 @@ from toolkit.errors import AuthenticationError
 
 
 def api_key_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
-    expected = api_key.encode()
+    expected = api_key.encode("utf-8")
 
     # async, though it never awaits: FastAPI runs a plain function dependency in a worker
     # thread, one thread hop per request for a check that takes microseconds.
@@ -19,7 +19,10 @@ def api_key_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         # The scheme is case-insensitive (RFC 9110). The key is compared in constant time: the
         # answer time must not reveal how much of it matched.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        # Headers arrive decoded as Latin-1; encoding back gives the bytes sent, UTF-8 for a
+        # non-ASCII key.
+        sent = given.strip().encode("latin-1", errors="replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, expected):
             raise AuthenticationError("missing or wrong API key; send 'Authorization: Bearer KEY'")
 
     return check

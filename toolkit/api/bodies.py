@@ -7,6 +7,7 @@ import asyncio
 import base64
 from typing import Any, TypeVar
 
+import ijson
 import numpy as np
 import orjson
 from fastapi import Request
@@ -14,31 +15,39 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from toolkit.api.observability import new_id
+from toolkit.api.prescan import PRESCAN_BYTES, prescan
 from toolkit.api.schemas import EmbeddingRequest, EncodeRequest
 from toolkit.errors import InvalidRequestError
 from toolkit.service.inference import EmbedRequest, EmbedResult
+from toolkit.service.validation import RequestLimits
 
 Body = TypeVar("Body", bound=BaseModel)
 
-INLINE_PARSE_BYTES = 256 * 1024  # parsing this much JSON takes well under a millisecond
 
-
-async def parse_body(request: Request, schema: type[Body]) -> Body:
-    """Parse the body as JSON whatever its Content-Type (curl -d sends form encoding by default);
-    a large body is parsed beside the event loop, which must stay free for other requests."""
+async def parse_body(
+    request: Request, schema: type[Body], limits: RequestLimits | None = None, fields: tuple[str, ...] = ()
+) -> Body:
+    """Parse the body as JSON whatever its Content-Type (curl -d sends form encoding by default).
+    A large body is first prescanned against `limits` for its input `fields`, and parsed beside
+    the event loop, which must stay free for other requests."""
     raw = await request.body()
     try:
-        data = (
-            orjson.loads(raw)
-            if len(raw) <= INLINE_PARSE_BYTES
-            else await asyncio.to_thread(orjson.loads, raw)
-        )
-    except orjson.JSONDecodeError as exc:
+        if len(raw) <= PRESCAN_BYTES:
+            data = orjson.loads(raw)
+        else:
+            data = await asyncio.to_thread(_prescanned, raw, limits, fields)
+    except (orjson.JSONDecodeError, ijson.JSONError) as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
+
+
+def _prescanned(raw: bytes, limits: RequestLimits | None, fields: tuple[str, ...]) -> Any:
+    if limits is not None:
+        prescan(raw, fields, limits)
+    return orjson.loads(raw)
 
 
 def json_body(schema: type[BaseModel]) -> dict[str, Any]:

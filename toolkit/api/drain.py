@@ -30,8 +30,9 @@ from toolkit.errors import ShuttingDownError
 
 logger = logging.getLogger(__name__)
 
-# Once the drain is over, connections still sending an answer get this long to finish.
-_MIN_CLOSE_GRACE_S = 1.0
+# Once the drain is over, connections still sending an answer get this long to finish; one still
+# receiving a request body (never admitted, so the drain did not wait for it) is then cut.
+_CLOSE_GRACE_S = 2.0
 _INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process ended by Ctrl+C
 
 
@@ -132,6 +133,6 @@ class DrainingServer(uvicorn.Server):
             if self.admission.in_flight == 0 or remaining <= 0:
                 if self.admission.in_flight:
                     logger.warning("drain timeout: %d requests still in flight", self.admission.in_flight)
-                self.config.timeout_graceful_shutdown = max(remaining, _MIN_CLOSE_GRACE_S)
+                self.config.timeout_graceful_shutdown = _CLOSE_GRACE_S
                 self.should_exit = True
         return await super().on_tick(counter)

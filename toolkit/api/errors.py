@@ -16,6 +16,7 @@ from toolkit.errors import (
     MethodNotAllowedError,
     NotFoundError,
     ToolkitError,
+    echoed,
 )
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            return error_response(NotFoundError(f"no route {request.method} {request.url.path}"))
+            return error_response(NotFoundError(f"no route {request.method} {echoed(request.url.path)}"))
         if exc.status_code == 405:
             return error_response(
-                MethodNotAllowedError(f"method {request.method} not allowed on {request.url.path}")
+                MethodNotAllowedError(f"method {request.method} not allowed on {echoed(request.url.path)}")
             )
         error = ToolkitError(str(exc.detail))
         error.status_code = exc.status_code
@@ -53,7 +54,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        logger.exception("unexpected error on %s %s", request.method, echoed(request.url.path))
         return error_response(ToolkitError("internal server error"))
 
 

@@ -24,8 +24,9 @@ from toolkit.api.observability import request_context
 from toolkit.api.responses import JSONResponse
 from toolkit.api.schemas import EmbeddingRequest, EncodeRequest
 from toolkit.api.state import ServerState
-from toolkit.errors import InvalidRequestError, ModelNotFoundError, ShuttingDownError
+from toolkit.errors import InvalidRequestError, ModelNotFoundError, ShuttingDownError, echoed
 from toolkit.service.inference import EmbedRequest, EmbedResult
+from toolkit.service.validation import RequestLimits
 
 
 def add_info_routes(app: FastAPI, state: ServerState, authorized: list[Depends]) -> None:
@@ -60,11 +61,13 @@ def add_embedding_routes(app: FastAPI, state: ServerState, authorized: list[Depe
 
     @app.post("/v1/embeddings", dependencies=authorized, openapi_extra=json_body(EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
+        # The body is read before admission: a body that never arrives holds no drain.
+        body = await parse_body(request, EmbeddingRequest, _limits(state), ("input",))
         with state.admission.admit(request.client):
-            body = await parse_body(request, EmbeddingRequest)
             if body.model is not None and body.model != state.args.model_name:
                 raise ModelNotFoundError(
-                    f"model {body.model!r} is not served here; this server serves {state.args.model_name!r}",
+                    f"model {echoed(repr(body.model))} is not served here; this server serves "
+                    f"{state.args.model_name!r}",
                     param="model",
                 )
             result = await _embed(state, request, embed_request(body.input, body))
@@ -74,8 +77,8 @@ def add_embedding_routes(app: FastAPI, state: ServerState, authorized: list[Depe
 
     @app.post("/encode", dependencies=authorized, openapi_extra=json_body(EncodeRequest))
     async def encode(request: Request) -> Response:
+        body = await parse_body(request, EncodeRequest, _limits(state), ("text", "input_ids"))
         with state.admission.admit(request.client):
-            body = await parse_body(request, EncodeRequest)
             if (body.text is None) == (body.input_ids is None):
                 raise InvalidRequestError("send exactly one of 'text' or 'input_ids'", param="text")
             raw = body.text if body.text is not None else body.input_ids
@@ -83,6 +86,10 @@ def add_embedding_routes(app: FastAPI, state: ServerState, authorized: list[Depe
             result = await _embed(state, request, embed_request(raw, body, param, accepts))
         items = encode_items(result)
         return JSONResponse(items[0] if is_single_input(raw) else items)
+
+
+def _limits(state: ServerState) -> RequestLimits | None:
+    return state.service.limits if state.service is not None else None
 
 
 async def _embed(state: ServerState, request: Request, embed: EmbedRequest) -> EmbedResult:

@@ -9,6 +9,7 @@ from typing import NoReturn
 import uvicorn
 
 from toolkit.api.app import create_app
+from toolkit.api.connections import guarded_protocol
 from toolkit.api.drain import DrainingServer
 from toolkit.api.state import ServerState
 from toolkit.server_args import ServerArgs
@@ -49,6 +50,7 @@ def serve_http(
         # at debug level; uvicorn's access log would repeat every line, probes included.
         access_log=False,
         timeout_graceful_shutdown=args.drain_timeout,
+        http=guarded_protocol(args.max_connections, args.header_timeout, args.body_timeout),
     )
     server = DrainingServer(config, state.admission, args.drain_timeout, stop_now)
     server.run(sockets=[sock])

@@ -16,6 +16,7 @@ from toolkit.execution.cpu_policy import default_workers
 from toolkit.execution.device import pick_device, pick_dtype
 from toolkit.execution.device_threads import CORES, DeviceThreads
 from toolkit.execution.kernel_builder import build_short_batch_kernels
+from toolkit.execution.memory import trim_when_idle
 from toolkit.execution.runner import Runner, RunnerStats
 from toolkit.models.base import LoadedModel
 from toolkit.models.loader import load_model
@@ -45,6 +46,8 @@ def load_service(args: ServerArgs, files: ModelFiles) -> InferenceService:
         raise
     if args.warmup:
         build_short_batch_kernels(module, device_threads)
+    if device.type == "cpu":
+        trim_when_idle(device_threads.idle_since)
     return service
 
 

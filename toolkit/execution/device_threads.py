@@ -16,6 +16,7 @@ every core, the two overlap with one thread too many until that batch ends.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -42,6 +43,7 @@ class DeviceThreads:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{i}") for i in range(workers)
         ]
         self._running = [0] * workers  # submitted, not yet finished, per thread
+        self._idle_since: float | None = time.monotonic()
         self._lock = threading.Lock()
         self._current = threading.local()  # index: which thread this is; released: counted free
         self._closed = False
@@ -52,6 +54,11 @@ class DeviceThreads:
         dropped from the queues are never counted down)."""
         with self._lock:
             return self._closed or not any(self._running)
+
+    def idle_since(self) -> float | None:
+        """When the last call finished, if none is queued or running now (time.monotonic)."""
+        with self._lock:
+            return self._idle_since if not any(self._running) else None
 
     def submit(self, fn: Callable[..., T], *args: Any, boost: bool = True) -> Future[T]:
         """Run `fn(*args)` on an idle thread, the first one first; else on the least loaded.
@@ -70,6 +77,7 @@ class DeviceThreads:
             if not self._current.released:
                 self._current.released = True
                 self._running[self._current.index] -= 1
+                self._idle_since = time.monotonic()
 
     def _run(self, index: int, boost: bool, fn: Callable[..., T], *args: Any) -> T:
         self._current.index, self._current.released = index, False

@@ -15,18 +15,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
-import shutil
 import signal
 import socket
-import tempfile
 from collections.abc import Callable, Sequence
 from types import FrameType
 
 from toolkit.errors import ModelLoadError
+from toolkit.execution.memory import prepare_process_memory
 from toolkit.process.bootstrap import exit_now, settle_garbage_collector
 from toolkit.process.front_ends import KILL_GRACE_S, POLL_S, FrontEnds
-from toolkit.process.memory import prepare_process_memory
 from toolkit.scheduling.batch_server import BatchServer
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import InferenceService
@@ -44,12 +41,7 @@ class _StopRequested(BaseException):
 
 def main(args: ServerArgs, files: ModelFiles, argv: Sequence[str], http_socket: socket.socket) -> int:
     """Serve `http_socket` through the front ends until SIGTERM or a fatal error."""
-    link_dir = tempfile.mkdtemp(prefix="toolkit-engine-")
-    link_path = os.path.join(link_dir, "engine.sock")
-    link_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    link_socket.bind(link_path)
-    link_socket.listen(max(16, args.http_workers))
-    front_ends = FrontEnds(argv, http_socket, link_path, args.http_workers)
+    front_ends = FrontEnds(argv, http_socket, args.http_workers, args.api_key)
     logger.info("Started %d HTTP front ends: %s", args.http_workers, [p.pid for p in front_ends.processes])
     stopped_while_loading = False
     try:
@@ -66,13 +58,10 @@ def main(args: ServerArgs, files: ModelFiles, argv: Sequence[str], http_socket: 
         settle_garbage_collector()
         served = {"limits": dataclasses.asdict(service.limits), "embedding_dim": service.embedding_dim}
         server = BatchServer(service.queue, served)
-        return asyncio.run(
-            _serve(service, server, link_socket, front_ends, args.drain_timeout, stop_requested)
-        )
+        return asyncio.run(_serve(service, server, front_ends, args.drain_timeout, stop_requested))
     finally:
-        link_socket.close()  # front ends still waiting for HELLO see the engine gone
+        front_ends.close_unserved_links()
         front_ends.stop()
-        shutil.rmtree(link_dir, ignore_errors=True)
         if stopped_while_loading:
             exit_now(0)
 
@@ -107,7 +96,6 @@ def _raise_stop_requested(signum: int, frame: FrameType | None) -> None:
 async def _serve(
     service: InferenceService,
     server: BatchServer,
-    link_socket: socket.socket,
     front_ends: FrontEnds,
     drain_timeout: float,
     stop_requested: list[int],
@@ -127,18 +115,29 @@ async def _serve(
         loop.add_signal_handler(signum, on_signal, signum)
     if stop_requested:  # noted between the end of loading and here
         stopping.set()
-    unix_server = await asyncio.start_unix_server(server.handle, sock=link_socket)
+    links: set[asyncio.Task[None]] = set()
+
+    def serve_link(link: socket.socket) -> None:
+        task = loop.create_task(_serve_link(server, link))
+        links.add(task)
+        task.add_done_callback(links.discard)
+
+    front_ends.serve_links(serve_link)
     logger.info("The engine is serving its HTTP front ends.")
     supervised = loop.create_task(front_ends.supervise(stopping))
     broken = loop.create_task(_broken(service))
     signalled = loop.create_task(stopping.wait())
     await asyncio.wait({supervised, broken, signalled}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = await _wind_down(stopping, broken, front_ends, drain_timeout)
-    for task in (signalled, broken, supervised):
+    for task in (signalled, broken, supervised, *links):
         task.cancel()
-    unix_server.close()
     await service.close()
     return exit_code
+
+
+async def _serve_link(server: BatchServer, link: socket.socket) -> None:
+    reader, writer = await asyncio.open_unix_connection(sock=link)
+    await server.handle(reader, writer)
 
 
 async def _wind_down(

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = ServerArgs.from_cli(argv)
-    engine_socket = os.environ.pop(ENGINE_SOCKET_ENV)
+    engine_link = int(os.environ.pop(ENGINE_SOCKET_ENV))
     os.environ.pop(LISTEN_FD_ENV, None)
     configure_logging(args.log_level, f"front end {os.getpid()}")
     if args.listen_fd is None:
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = read_model_files(args.model_path, args.tokenizer_path, args.pooling, args.normalize)
 
     def load(on_fatal: Callable[[BaseException], None]) -> InferenceService:
-        link, served = connect_to_engine(engine_socket)
+        link, served = connect_to_engine(engine_link)
         limits = RequestLimits(**served["limits"])
         queue = RemoteBatcher(link, on_fatal)
         return InferenceService(queue, files.tokenizer, files.spec, limits, int(served["embedding_dim"]))

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from toolkit.api.server import serve_http
 from toolkit.execution.assembly import load_service
 from toolkit.execution.device import pick_device
+from toolkit.execution.memory import prepare_process_memory
 from toolkit.process.bootstrap import exit_now, settle_garbage_collector
-from toolkit.process.memory import prepare_process_memory
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import InferenceService
 from toolkit.service.model_files import ModelFiles

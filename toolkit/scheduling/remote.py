@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -142,14 +143,14 @@ class RemoteBatcher:
                 waiting.future.set_exception(error)
 
 
-def connect_to_engine(path: str) -> tuple[socket.socket, dict[str, object]]:
-    """Connect and wait (blocking) for the engine's HELLO, which comes once its model is loaded."""
-    link = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def connect_to_engine(fd: int) -> tuple[socket.socket, dict[str, object]]:
+    """Wait (blocking) on the inherited link `fd` for the engine's HELLO, which comes once its
+    model is loaded."""
     try:
-        link.connect(path)
+        link = socket.socket(fileno=fd)
     except OSError as exc:
-        link.close()
-        raise ModelLoadError(f"cannot reach the engine process at {path}: {exc}") from exc
+        raise ModelLoadError(f"no link to the engine process on descriptor {fd}: {exc}") from exc
+    os.set_inheritable(fd, False)
     header = _receive_exactly(link, wire.HEADER.size)
     length, kind, _ = wire.HEADER.unpack(header)
     body = _receive_exactly(link, length)

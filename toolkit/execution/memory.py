@@ -3,9 +3,11 @@
 Every server pins glibc's mmap threshold, so that freed activations go back to the system instead
 of fragmenting the heap. A CPU server then keeps freed memory in its heap instead, so that every
 batch's activations reuse warm pages rather than fresh ones the kernel must fault in and zero;
-the cost is a heap that stays at its peak size. All threads allocate from the main heap, since a
-thread's own arena maps every large block whatever the settings. The measurements behind this:
-docs/performance.md ("Memory").
+the cost is a heap that stays at its peak size, so a CPU server gives its free memory back
+(`malloc_trim`) once the device threads have been idle for a while (`trim_when_idle`): a burst
+of large requests does not keep gigabytes, and steady load keeps its warm pages. All threads
+allocate from the main heap, since a thread's own arena maps every large block whatever the
+settings. The measurements behind this: docs/performance.md ("Memory").
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import ctypes
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ _MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value
 _KEEP_AT_MOST = 1 << 30  # free bytes at the heap's top beyond this go back to the system
 
 _TORCH_THP_ENV = "THP_MEM_ALLOC_ENABLE"
+TRIM_PERIOD_S = 2.0
 
 
 def use_transparent_huge_pages() -> None:
@@ -73,16 +79,39 @@ def keep_freed_memory() -> bool:
 
 def _glibc_mallopt() -> Callable[[int, int], int] | None:
     """The C library's `mallopt(parameter, value)`, or None off Linux or where it has none."""
+    function = _glibc_function("mallopt")
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_int]
+    return function
+
+
+def _glibc_function(name: str) -> Any:
+    """A function of the C library (returning int), or None off Linux or where it has none."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError, TypeError):
         return None
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    function: Callable[[int, int], int] = mallopt
+    function.restype = ctypes.c_int
     return function
+
+
+def trim_when_idle(idle_since: Callable[[], float | None], period_s: float = TRIM_PERIOD_S) -> None:
+    """Start a thread that gives free heap memory back to the system whenever `idle_since()`
+    says the device threads have been idle (since that monotonic time) for a whole period."""
+    trim = _glibc_function("malloc_trim")
+    if trim is None:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(period_s)
+            since = idle_since()
+            if since is not None and time.monotonic() - since >= period_s:
+                trim(0)
+
+    threading.Thread(target=watch, name="heap-trim", daemon=True).start()
 
 
 def prepare_process_memory(device_type: str) -> None:
