@@ -2,6 +2,7 @@
 
     python benchmarks/soak.py                       # 64 clients, 60 s, bundled MiniLM on loopback
     python benchmarks/soak.py --clients 16 --seconds 10
+    python benchmarks/soak.py --attackers 0.1       # a clean run, then one with 10 % attackers
 
 Starts a real server (toolkit.utils.launch_server_cmd, 127.0.0.1 only) and drives it with
 `--clients` concurrent asyncio clients (aiohttp, one keep-alive connection each) for `--seconds`.
@@ -12,6 +13,10 @@ answers (a status not allowed for that request, a 5xx, a connection error), p50/
 valid requests, and the server's RSS when ready, after a warm-up, and at the end, with growth
 from warm-up to end: the sign of a leak. The server logs at warning level so its access log does
 not flood the terminal (`--server-args "--log-level info"` to see it).
+
+With `--attackers F`, a second run follows the clean one on the same server, in which a fraction F
+of the clients attack instead: a million nulls, a million token ids, 10 MB of text, or a socket
+left idle until the server closes it. Both runs' honest clients are reported side by side.
 """
 
 from __future__ import annotations
@@ -96,6 +101,24 @@ MIX = [
 ]
 
 
+_ATTACK_BODIES: dict[str, bytes] = {}
+
+
+def _attack_body(name: str) -> bytes:
+    """Built once: an attacker's payload costs the attacker nothing to send again."""
+    if name not in _ATTACK_BODIES:
+        payloads = {
+            "million-nulls": {"input": [None] * 1_000_000},
+            "million-ids": {"input": [[1000] * 1_000_000]},
+            "ten-mb-text": {"input": "word " * (2 * 2**20)},
+        }
+        _ATTACK_BODIES[name] = _json(payloads[name])
+    return _ATTACK_BODIES[name]
+
+
+ATTACKS = ("million-nulls", "million-ids", "ten-mb-text", "idle-socket")
+
+
 @dataclass
 class Tally:
     statuses: Counter[int | str] = field(default_factory=Counter)
@@ -112,6 +135,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-args", default="--log-level warning", help="extra server flags")
+    parser.add_argument(
+        "--attackers", type=float, default=0.0, help="then a second run with this fraction attacking"
+    )
     return parser.parse_args()
 
 
@@ -145,25 +171,59 @@ async def client(url: str, seed: int, deadline: float, tally: Tally) -> None:
                 tally.valid_latencies.append(elapsed)
 
 
+async def attacker(url: str, port: int, seed: int, deadline: float, tally: Tally) -> None:
+    """Send the attacks in turn; an idle socket waits until the server closes it."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1)) as session:
+        while time.monotonic() < deadline:
+            name = rng.choice(ATTACKS)
+            try:
+                if name == "idle-socket":
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    status: int | str = "closed" if await reader.read(1) == b"" else "answered"
+                    writer.close()
+                else:
+                    async with session.post(url + "/v1/embeddings", data=_attack_body(name)) as response:
+                        await response.read()
+                        status = response.status
+            except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+                status = type(exc).__name__
+            tally.statuses[status] += 1
+            if status not in (400, "closed"):
+                tally.unexpected[f"{name} -> {status}"] += 1
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
 
 
 async def soak(
-    url: str, clients: int, seconds: float, seed: int, rss: Callable[[], int]
-) -> tuple[Tally, float, list[int]]:
-    """Run the clients; sample the server's RSS every RSS_EVERY_S seconds meanwhile."""
-    tally = Tally()
+    url: str, clients: int, seconds: float, seed: int, rss: Callable[[], int], attackers: int = 0
+) -> tuple[Tally, float, list[int], Tally]:
+    """Run the clients (the first `attackers` of them attacking); sample the server's RSS every
+    RSS_EVERY_S seconds meanwhile. Returns the honest clients' tally and the attackers'."""
+    tally, attacks = Tally(), Tally()
     started = time.monotonic()
     deadline = started + seconds
-    tasks = [asyncio.create_task(client(url, seed * 10_000 + i, deadline, tally)) for i in range(clients)]
+    port = int(url.rsplit(":", 1)[1])
+    tasks = [
+        asyncio.create_task(
+            attacker(url, port, seed * 10_000 + i, deadline, attacks)
+            if i < attackers
+            else client(url, seed * 10_000 + i, deadline, tally)
+        )
+        for i in range(clients)
+    ]
     samples = [rss()]
     while not all(task.done() for task in tasks):
         await asyncio.wait(tasks, timeout=RSS_EVERY_S)
         samples.append(rss())
     await asyncio.gather(*tasks)
-    return tally, time.monotonic() - started, samples
+    return tally, time.monotonic() - started, samples, attacks
 
 
 def main() -> int:
@@ -180,12 +240,40 @@ def main() -> int:
         wait_for_server(url, timeout=600, process=process)
         server = psutil.Process(process.pid)
         rss = lambda: server.memory_info().rss  # noqa: E731
-        tally, elapsed, samples = asyncio.run(soak(url, args.clients, args.seconds, args.seed, rss))
+        tally, elapsed, samples, _ = asyncio.run(soak(url, args.clients, args.seconds, args.seed, rss))
+        attacked = None
+        if args.attackers > 0:
+            count = max(1, round(args.attackers * args.clients))
+            attacked = asyncio.run(soak(url, args.clients, args.seconds, args.seed + 1, rss, count))
         alive = process.poll() is None
     finally:
         terminate_process(process)
     report(args, tally, elapsed, samples, alive, process.returncode)
-    return 0 if alive and not tally.unexpected and process.returncode == 0 else 1
+    if attacked is not None:
+        report_attacked(tally, *attacked)
+    clean = not tally.unexpected and (
+        attacked is None or (not attacked[0].unexpected and not attacked[3].unexpected)
+    )
+    return 0 if alive and clean and process.returncode == 0 else 1
+
+
+def report_attacked(clean: Tally, tally: Tally, elapsed: float, samples: list[int], attacks: Tally) -> None:
+    """The attacked run beside the clean one: the honest clients' latency and errors."""
+
+    def line(name: str, run: Tally) -> str:
+        errors = sum(n for status, n in run.statuses.items() if status not in (200, 429))
+        return (
+            f"{name}: p50 {1000 * percentile(run.valid_latencies, 0.5):.1f} ms, "
+            f"p99 {1000 * percentile(run.valid_latencies, 0.99):.1f} ms, "
+            f"{sum(run.statuses.values())} requests, unexpected {sum(run.unexpected.values())}, "
+            f"errors (4xx of the invalid mix included) {errors}"
+        )
+
+    print(f"attacked run: {elapsed:.1f} s; attacks answered: {dict(attacks.statuses)}")
+    print(f"attacks unexpected: {dict(attacks.unexpected)}")
+    print("honest clients, " + line("clean run", clean))
+    print("honest clients, " + line("attacked run", tally))
+    print(f"server RSS during the attacked run (MiB): {' '.join(f'{v / 2**20:.0f}' for v in samples)}")
 
 
 def report(

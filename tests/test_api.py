@@ -176,3 +176,16 @@ def test_long_values_are_echoed_cut(fake_client) -> None:
     path = assert_openai_error(fake_client.get("/" + "p" * 10_000), 404)
     assert len(model["message"]) < 400 and "(100002 characters)" in model["message"]
     assert len(path["message"]) < 400 and "(10001 characters)" in path["message"]
+
+
+def test_a_request_past_its_timeout_gets_504_and_its_work_is_withdrawn() -> None:
+    from functools import partial
+
+    client = start_test_client(["--request-timeout", "0.2"], loader=partial(fake_service, hold=True))
+    try:
+        error = assert_openai_error(embed(client, input="never answered"), 504)
+        queue = client.state.service.queue
+    finally:
+        client.__exit__(None, None, None)
+    assert error["code"] == "request_timeout" and "0.2 s" in error["message"]
+    assert [future.cancelled() for future in queue.futures] == [True]

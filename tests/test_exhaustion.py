@@ -20,6 +20,7 @@ import requests
 
 from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
 
+REQUEST_START = b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\n"
 pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 HEALTH_P99_S = 0.1
@@ -196,7 +197,7 @@ def test_slowloris_headers_are_cut_off(server: Server) -> None:
         slow = _open(server, 200)
         try:
             for sock in slow:
-                sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n")
+                sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\n")
             for _ in range(3):  # a header line now and then: each would reset an idle timer
                 time.sleep(1)
                 for sock in slow:
@@ -213,7 +214,7 @@ def test_a_body_that_never_finishes_is_cut_off(server: Server) -> None:
     with watched(server):
         sock = _open(server, 1)[0]
         try:
-            sock.sendall(b'POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"input"')
+            sock.sendall(REQUEST_START + b'Content-Length: 1000\r\n\r\n{"input"')
             time.sleep(4.5)  # past the test server's body deadline of 3 s
             assert _closed_by_server(sock)
         finally:
@@ -227,10 +228,43 @@ def test_a_stalled_body_does_not_hold_the_drain() -> None:
     try:
         wait_for_server(f"http://127.0.0.1:{port}", timeout=180, process=process)
         stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
-        stalled.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        stalled.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n{")
         time.sleep(0.5)  # the server has the headers and waits for the body
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
         stalled.close()
     finally:
         terminate_process(process)
+
+
+def test_a_frozen_engine_is_unhealthy_and_its_requests_time_out() -> None:
+    """With --http-workers, a stopped engine process (SIGSTOP) sends no heartbeat: the front ends
+    answer /health with 503 within seconds, requests end with 504 at --request-timeout, and all
+    is well again once the engine runs."""
+    process, port = launch_server_cmd(
+        "python3 -m toolkit.launch_server --http-workers 2 --request-timeout 3", host="127.0.0.1"
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, timeout=180, process=process)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            # Sent at once, while the front ends still count on the engine: it waits, then times out.
+            timed_out = requests.post(f"{url}/v1/embeddings", json={"input": "anyone there?"}, timeout=30)
+            assert timed_out.status_code == 504, timed_out.text
+            _wait_for_health(url, 503, within_s=15)
+            refused = requests.post(f"{url}/v1/embeddings", json={"input": "and now?"}, timeout=30)
+            assert refused.status_code == 503, refused.text  # at once: nothing is queued behind it
+        finally:
+            process.send_signal(signal.SIGCONT)
+        _wait_for_health(url, 200, within_s=15)
+        assert requests.post(f"{url}/v1/embeddings", json={"input": "back"}, timeout=30).status_code == 200
+    finally:
+        terminate_process(process)
+
+
+def _wait_for_health(url: str, status: int, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while requests.get(f"{url}/health", timeout=5).status_code != status:
+        assert time.monotonic() < deadline, f"/health never answered {status}"
+        time.sleep(0.2)

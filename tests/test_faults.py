@@ -71,7 +71,7 @@ def test_disconnected_clients_inputs_never_reach_the_device(threaded_server: Thr
         port = port_of(threaded_server.url)
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
             sock.sendall(
-                b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
             )
             wait_until(lambda: batcher.queued_inputs == 3, "the leaving client's inputs queued")

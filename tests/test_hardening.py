@@ -42,6 +42,8 @@ STRICT = [
     "64",
 ]
 
+REQUEST_START = b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\n"
+
 
 @pytest.fixture(scope="module")
 def strict_client() -> Iterator[Any]:
@@ -218,7 +220,7 @@ def test_chunked_body_over_limit_is_413_json_over_real_http(threaded_server: Thr
     body = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in [b'{"input": "', *[chunk] * 8, b'"}'])
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
         sock.sendall(
-            b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
         )
         status, headers, payload = read_response(sock)
@@ -234,7 +236,7 @@ def test_client_leaving_mid_body_is_not_a_server_error(threaded_server: Threaded
         scrape(threaded_server.url), "toolkit_requests_total", route="/v1/embeddings", status="499"
     )
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
-        sock.sendall(b'POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{"input"')
+        sock.sendall(REQUEST_START + b'Content-Length: 1000\r\n\r\n{"input"')
     wait_until(
         lambda: (
             sample(
@@ -352,10 +354,56 @@ def test_a_non_ascii_key_is_compared_as_utf_8() -> None:
         for key in ("sésame".encode(), "sésame".encode("latin-1")):
             with socket.create_connection(("127.0.0.1", port_of(server.url)), timeout=WAIT_S) as sock:
                 sock.sendall(
-                    b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\r\n"
+                    b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer %s\r\n"
                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (key, len(body), body)
                 )
                 statuses.append(read_response(sock)[0])
     finally:
         server.stop()
     assert statuses == [200, 401]
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("localhost:30000", 200), ("127.0.0.1", 200), ("[::1]:8000", 200), ("rebound.example", 403)],
+)
+def test_a_loopback_server_answers_only_to_loopback_names(strict_client, host: str, status: int) -> None:
+    """DNS rebinding: a page whose name points at 127.0.0.1 still names its own host."""
+    response = strict_client.post("/v1/embeddings", json={"input": "hi"}, headers={**AUTH, "Host": host})
+    assert response.status_code == status, response.text
+    if status == 403:
+        assert response.json()["error"]["code"] == "forbidden"
+
+
+def test_extra_names_and_every_interface_widen_the_hosts() -> None:
+    for flags in (["--allowed-hosts", "embed.internal"], ["--host", "0.0.0.0"]):
+        client = start_test_client(flags, loader=fake_service)
+        try:
+            answer = client.post("/v1/embeddings", json={"input": "hi"}, headers={"Host": "embed.internal"})
+        finally:
+            client.__exit__(None, None, None)
+        assert answer.status_code == 200, (flags, answer.text)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Content-Type": "text/plain"}, 200),  # curl -d: no Origin, not a browser page
+        ({"Content-Type": "text/plain", "Origin": "http://evil.example"}, 403),  # a page's simple POST
+        ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403),
+    ],
+)
+def test_web_pages_cannot_post_without_cors(strict_client, headers: dict[str, str], status: int) -> None:
+    body = json.dumps({"input": "hi"})
+    response = strict_client.post("/v1/embeddings", content=body, headers={**AUTH, **headers})
+    assert response.status_code == status, response.text
+
+
+def test_an_allowed_origin_must_still_send_json(cors_client) -> None:
+    origin = {"Origin": "http://notebook.example"}
+    body = json.dumps({"input": "hi"})
+    plain = cors_client.post("/v1/embeddings", content=body, headers={**origin, "Content-Type": "text/plain"})
+    as_json = cors_client.post(
+        "/v1/embeddings", content=body, headers={**origin, "Content-Type": "application/json"}
+    )
+    assert (plain.status_code, as_json.status_code) == (403, 200)

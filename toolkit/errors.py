@@ -63,6 +63,14 @@ class AuthenticationError(ToolkitError):
         return {"WWW-Authenticate": "Bearer"}
 
 
+class ForbiddenError(ToolkitError):
+    """Refused for where it comes from: a host name or a web page the server does not serve."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "forbidden"
+
+
 class NotFoundError(ToolkitError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -107,6 +115,14 @@ class InferenceError(ToolkitError):
 
     status_code = 500
     error_type = "server_error"
+
+
+class RequestTimeoutError(ToolkitError):
+    """No answer within --request-timeout: the request's work is withdrawn."""
+
+    status_code = 504
+    error_type = "server_error"
+    default_code = "request_timeout"
 
 
 class ServiceUnavailableError(ToolkitError):

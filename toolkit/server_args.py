@@ -40,12 +40,14 @@ class ServerArgs:
     max_queued_inputs: int = 65_536
     max_inputs_per_request: int = 2048
     max_tokens_per_request: int = 300_000
+    request_timeout: float | None = None
     max_request_bytes: int = 128 * 1024 * 1024
     max_connections: int | None = None
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     drain_timeout: float = 30.0
     cors_allow_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     pooling: str | None = None
     normalize: bool | None = None
     default_prompt_name: str | None = None
@@ -88,6 +90,7 @@ class ServerArgs:
             truncation_side=self.truncation_side,
             default_prompt_name=self.default_prompt_name or spec.default_prompt_name,
             max_tokens_per_request=self.max_tokens_per_request,
+            request_timeout=self.request_timeout,
         )
 
     @property
@@ -167,6 +170,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     _model_flags(add)
     _http_flags(add)
     _limit_flags(add)
+    _connection_flags(add)
     _performance_flags(add)
     return parser
 
@@ -275,6 +279,13 @@ def _http_flags(add: _FlagAdder) -> None:
         help="comma-separated origins that browsers may call from ('*' for any); default: CORS off",
     )
     add(
+        "--allowed-hosts",
+        type=_origins,
+        default=(),
+        help="comma-separated host names clients may address the server by, beyond the loopback "
+        "names and --host ('*' for any; on 0.0.0.0 any is allowed)",
+    )
+    add(
         "--http-workers",
         type=_non_negative_int,
         default=0,
@@ -315,6 +326,21 @@ def _limit_flags(add: _FlagAdder) -> None:
         help="tokens of all inputs of one request together, as OpenAI caps them; beyond it 400",
     )
     add(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=128 * 1024 * 1024,
+        help="request bodies larger than this get 413",
+    )
+
+
+def _connection_flags(add: _FlagAdder) -> None:
+    add(
+        "--request-timeout",
+        type=_positive_float,
+        help="seconds a request may take from its body to its answer; then 504, and its queued "
+        "work is withdrawn (default: none)",
+    )
+    add(
         "--header-timeout",
         type=_positive_float,
         default=10.0,
@@ -332,12 +358,6 @@ def _limit_flags(add: _FlagAdder) -> None:
         type=_positive_int,
         help="open connections at most; more are closed at once (unless set: the descriptor limit, "
         "raised to its hard limit, less 256)",
-    )
-    add(
-        "--max-request-bytes",
-        type=_positive_int,
-        default=128 * 1024 * 1024,
-        help="request bodies larger than this get 413",
     )
 
 

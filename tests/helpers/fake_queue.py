@@ -30,8 +30,10 @@ def fake_row(item: WorkItem, dim: int = FAKE_DIM) -> np.ndarray:
 class FakeBatchQueue:
     """Answers each submission on the next turn of the event loop; counts what it was given."""
 
-    def __init__(self, dim: int = FAKE_DIM) -> None:
+    def __init__(self, dim: int = FAKE_DIM, hold: bool = False) -> None:
         self.dim = dim
+        self.hold = hold  # never answer: a device that has stopped
+        self.futures: list[asyncio.Future[list[np.ndarray]]] = []
         self.on_batch: Callable[[int, int, float], None] | None = None
         self.submitted: list[list[WorkItem]] = []
         self.started = False
@@ -40,6 +42,10 @@ class FakeBatchQueue:
     @property
     def alive(self) -> bool:
         return self.started and not self.closed
+
+    @property
+    def stalled(self) -> bool:
+        return False
 
     @property
     def queued_inputs(self) -> int:
@@ -62,8 +68,10 @@ class FakeBatchQueue:
         self.submitted.append(list(items))
         if timing is not None:
             timing.admitted = timing.batched = time.perf_counter()
+        self.futures.append(future)
         rows = [fake_row(item, self.dim) for item in items]
-        asyncio.get_running_loop().call_soon(_resolve, future, rows)
+        if not self.hold:
+            asyncio.get_running_loop().call_soon(_resolve, future, rows)
         if self.on_batch is not None and items:
             self.on_batch(len(items), sum(len(item.token_ids) for item in items), 0.0)
         return future

@@ -31,13 +31,14 @@ def real_service(args: ServerArgs, files: ModelFiles) -> InferenceService:
     return load_service(args, files)
 
 
-def fake_service(args: ServerArgs, files: ModelFiles) -> InferenceService:
-    """The model's tokenizer, spec and sizes over a `FakeBatchQueue`: no torch, no weights."""
+def fake_service(args: ServerArgs, files: ModelFiles, hold: bool = False) -> InferenceService:
+    """The model's tokenizer, spec and sizes over a `FakeBatchQueue` (that never answers, with
+    `hold`): no torch, no weights."""
     config = json.loads((files.spec.transformer_dir / "config.json").read_text())
     context_length = args.context_length or files.spec.max_seq_length or config["max_position_embeddings"]
     limits = args.request_limits(files.spec, context_length, config["vocab_size"])
     dim = config["hidden_size"] * len(files.spec.pooling_modes)
-    return InferenceService(FakeBatchQueue(dim), files.tokenizer, files.spec, limits, dim)
+    return InferenceService(FakeBatchQueue(dim, hold), files.tokenizer, files.spec, limits, dim)
 
 
 Loader = Callable[[ServerArgs, ModelFiles], InferenceService]
@@ -56,7 +57,7 @@ def start_test_client(argv: list[str], loader: Loader = real_service) -> Any:
     from fastapi.testclient import TestClient
 
     state, app = build_app(argv, loader)
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://localhost")
     client.__enter__()
     wait_until(lambda: client.get("/health").status_code == 200, "the in-process server is ready", READY_S)
     client.state = state

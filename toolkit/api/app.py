@@ -27,6 +27,7 @@ from toolkit.api.drain import CloseWhileDraining
 from toolkit.api.errors import install_error_handlers
 from toolkit.api.limits import BodySizeLimit
 from toolkit.api.observability import Observability
+from toolkit.api.origins import HostAndOrigin
 from toolkit.api.responses import JSONResponse
 from toolkit.api.routes import add_embedding_routes, add_info_routes
 from toolkit.api.state import ServerState, load_service
@@ -75,9 +76,17 @@ def create_app(
 
 def _add_middleware(app: FastAPI, state: ServerState) -> None:
     # Each middleware added wraps the ones before it: the body limit is innermost, CORS answers
-    # preflights before any route or key check, and observability sees every answer.
+    # preflights before the host and origin check and any route or key check, and observability
+    # sees every answer.
     app.add_middleware(BodySizeLimit, max_bytes=state.args.max_request_bytes)
     app.add_middleware(CloseWhileDraining, admission=state.admission)
+    args = state.args
+    app.add_middleware(
+        HostAndOrigin,
+        bound_host=args.host,
+        allowed_hosts=args.allowed_hosts,
+        allowed_origins=args.cors_allow_origins,
+    )
     if state.args.cors_allow_origins:
         app.add_middleware(
             CORSMiddleware,

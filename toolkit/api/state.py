@@ -38,6 +38,8 @@ class ServerState:
             raise ServiceUnavailableError("the model is still loading; retry shortly")
         if not self.service.alive:
             raise ServiceUnavailableError("the inference worker has stopped; restart the server")
+        if self.service.stalled:
+            raise ServiceUnavailableError("the inference worker is not making progress")
         return self.service
 
     def watch_gauges(self) -> None:
@@ -48,7 +50,8 @@ class ServerState:
 
         def ready() -> float:
             service = self.service
-            return float(service is not None and service.alive and not self.admission.draining)
+            working = service is not None and service.alive and not service.stalled
+            return float(working and not self.admission.draining)
 
         self.metrics.watch(
             queue_inputs=queued("queued_inputs"),

@@ -123,13 +123,14 @@ async def _serve(
         task.add_done_callback(links.discard)
 
     front_ends.serve_links(serve_link)
+    heartbeat = loop.create_task(server.heartbeat(lambda: service.stalled))
     logger.info("The engine is serving its HTTP front ends.")
     supervised = loop.create_task(front_ends.supervise(stopping))
     broken = loop.create_task(_broken(service))
     signalled = loop.create_task(stopping.wait())
     await asyncio.wait({supervised, broken, signalled}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = await _wind_down(stopping, broken, front_ends, drain_timeout)
-    for task in (signalled, broken, supervised, *links):
+    for task in (signalled, broken, supervised, heartbeat, *links):
         task.cancel()
     await service.close()
     return exit_code

@@ -14,6 +14,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,8 @@ from toolkit.scheduling.work import BatchQueue
 logger = logging.getLogger(__name__)
 
 _Pending = dict[int, asyncio.Future[list[np.ndarray]]]
+
+HEARTBEAT_S = 1.0
 
 
 class BatchServer:
@@ -57,6 +60,15 @@ class BatchServer:
             for future in pending.values():
                 future.cancel()
             writer.close()
+
+    async def heartbeat(self, stalled: Callable[[], bool], every_s: float = HEARTBEAT_S) -> None:
+        """Tell every front end, every second, that this engine runs and whether it progresses."""
+        while True:
+            data = wire.encode_live(stalled())
+            for writer in self._front_ends:
+                if not writer.is_closing():
+                    writer.write(data)
+            await asyncio.sleep(every_s)
 
     def report_batch(self, inputs: int, tokens: int, seconds: float) -> None:
         """The batcher's `on_batch`: tell every front end of a finished batch."""

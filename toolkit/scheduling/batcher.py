@@ -30,6 +30,8 @@ from toolkit.scheduling.work import ItemResult, WorkItem
 logger = logging.getLogger(__name__)
 
 _IN_FLIGHT_BATCHES = 2
+# Work waiting this long without a batch finishing means the device has stopped: not ready.
+STALL_AFTER_S = 120.0
 
 
 class WorkSplitRule(Protocol):
@@ -120,6 +122,7 @@ class Batcher:
         # Batches holding a slot. Counted down before the slot is given back: the loop, woken by
         # that, counts idle device threads, and a finished task leaves `_in_flight` only later.
         self._running = 0
+        self._last_progress = time.monotonic()  # a batch finished, or work came to an idle queue
 
     @property
     def queued_inputs(self) -> int:
@@ -133,6 +136,12 @@ class Batcher:
     def alive(self) -> bool:
         task_ok = self._task is not None and not self._task.done()
         return task_ok and self.runner.alive
+
+    @property
+    def stalled(self) -> bool:
+        """Whether work has waited `STALL_AFTER_S` without any batch finishing."""
+        busy = self._running > 0 or self._queued_inputs > 0
+        return busy and time.monotonic() - self._last_progress > STALL_AFTER_S
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
@@ -180,6 +189,8 @@ class Batcher:
         if timing is not None:
             timing.admitted = time.perf_counter()
         submission.future.add_done_callback(lambda _: self._withdraw_all(submission))
+        if not self._running and not self._queued_inputs:
+            self._last_progress = time.monotonic()  # an idle batcher has not stalled
         self._queue.extend(submission.entries)
         self._queued_tokens += tokens
         self._queued_inputs += len(items)
@@ -257,6 +268,7 @@ class Batcher:
                 self._fail_queued(ServiceUnavailableError("the inference worker is not running"))
         finally:
             self._running -= 1
+            self._last_progress = time.monotonic()
             self._slots.release()
             for entry, result in zip(batch, results, strict=True):
                 entry.submission.deliver(entry.index, result)

@@ -25,6 +25,9 @@ from toolkit.scheduling.work import WorkItem
 
 logger = logging.getLogger(__name__)
 
+# The engine sends a heartbeat every second; this long without any frame, it counts as stalled.
+SILENCE_S = 5.0
+
 
 @dataclass
 class _Waiting:
@@ -50,10 +53,18 @@ class RemoteBatcher:
         self._open = True
         self.queued_inputs = 0  # the engine's, as of its last BATCH report
         self.queued_tokens = 0
+        self._last_frame = time.monotonic()
+        self._engine_stalled = False
 
     @property
     def alive(self) -> bool:
         return self._open
+
+    @property
+    def stalled(self) -> bool:
+        """Whether the engine says its batches stalled, or has sent nothing (not even its
+        heartbeat) for `SILENCE_S`: a frozen engine process."""
+        return self._engine_stalled or time.monotonic() - self._last_frame > SILENCE_S
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._receive(), name="engine-link")
@@ -116,6 +127,10 @@ class RemoteBatcher:
         self._on_lost(lost)
 
     def _deliver(self, frame: wire.Frame) -> None:
+        self._last_frame = time.monotonic()
+        if frame.kind == wire.LIVE:
+            self._engine_stalled = wire.decode_live(frame.body)
+            return
         if frame.kind == wire.BATCH:
             self._take_report(wire.decode_batch(frame.body))
             return

@@ -10,6 +10,7 @@ gets numpy views it can join in one copy (see `toolkit.execution.packing.pack`).
                           ERROR   the request's error, as the server's own exception
                           BATCH   a batch finished: its size and time, and the queue after it
                                   (to every front end, for its /metrics)
+                          LIVE    every second: the engine runs, and whether its batches progress
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from toolkit import errors
 from toolkit.scheduling.work import WorkItem
 
 HEADER = struct.Struct("<IBQ")  # body bytes, kind, request id
-HELLO, SUBMIT, CANCEL, RESULT, ERROR, BATCH = b"HSCREB"
+HELLO, SUBMIT, CANCEL, RESULT, ERROR, BATCH, LIVE = b"HSCREBL"
 _COUNT = struct.Struct("<I")
 _RESULT_HEAD = struct.Struct("<IId")  # rows, dimensions, seconds queued
 _BATCH = struct.Struct("<IQdIQ")  # inputs, tokens, seconds; inputs and tokens queued after it
+_LIVE = struct.Struct("<?")  # whether the engine's batcher has stalled
 
 # Errors that may cross the wire as themselves; any other failure arrives as an InferenceError.
 _WIRE_ERRORS: dict[str, type[errors.ToolkitError]] = {
@@ -156,3 +158,12 @@ def encode_hello(served: dict[str, Any]) -> bytes:
 def decode_hello(body: bytes) -> dict[str, Any]:
     served: dict[str, Any] = json.loads(body)
     return served
+
+
+def encode_live(stalled: bool) -> bytes:
+    return frame(LIVE, 0, _LIVE.pack(stalled))
+
+
+def decode_live(body: bytes) -> bool:
+    (stalled,) = _LIVE.unpack(body)
+    return bool(stalled)

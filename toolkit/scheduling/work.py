@@ -39,6 +39,10 @@ class BatchQueue(Protocol):
     def alive(self) -> bool: ...
 
     @property
+    def stalled(self) -> bool:
+        """Whether work waits and nothing progresses (a hung device, a frozen engine process)."""
+
+    @property
     def queued_inputs(self) -> int: ...
 
     @property

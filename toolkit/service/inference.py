@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toolkit.errors import ContextLengthExceededError, InvalidRequestError
+from toolkit.errors import ContextLengthExceededError, InvalidRequestError, RequestTimeoutError
 from toolkit.scheduling.timing import RequestTiming
 from toolkit.scheduling.work import BatchQueue, WorkItem
 from toolkit.service.model_spec import EmbeddingSpec
@@ -105,6 +105,10 @@ class InferenceService:
         return self.queue.alive
 
     @property
+    def stalled(self) -> bool:
+        return self.queue.stalled
+
+    @property
     def queued_inputs(self) -> int:
         return self.queue.queued_inputs
 
@@ -117,17 +121,27 @@ class InferenceService:
     async def embed(self, request: EmbedRequest, timing: RequestTiming | None = None) -> EmbedResult:
         """`timing`, when given, is stamped on admission and batching (see RequestTiming)."""
         check_dimensions(request.dimensions, self.embedding_dim, self.spec.matryoshka_dimensions)
-        items = await self._work_items(request)
-        check_total_tokens(items, self.limits.max_tokens_per_request, request.param)
-        future = self.queue.submit(items, timing)
+        timeout = self.limits.request_timeout
         try:
-            rows = await future
-        finally:
-            future.cancel()  # a cancelled request (client gone) leaves its queued inputs to be skipped
+            async with asyncio.timeout(timeout):
+                items = await self._work_items(request)
+                check_total_tokens(items, self.limits.max_tokens_per_request, request.param)
+                rows = await self._rows(items, timing)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"no answer within the server's request timeout of {timeout:g} s; the work was withdrawn"
+            ) from None
         embeddings = np.stack(rows).astype(np.float32, copy=False)
         if request.dimensions is not None and request.dimensions < embeddings.shape[1]:
             embeddings = _truncate_dimensions(embeddings, request.dimensions)
         return EmbedResult(embeddings, [len(item.token_ids) for item in items])
+
+    async def _rows(self, items: list[WorkItem], timing: RequestTiming | None) -> list[np.ndarray]:
+        future = self.queue.submit(items, timing)
+        try:
+            return await future
+        finally:
+            future.cancel()  # a cancelled request (client gone, timed out) leaves its inputs unrun
 
     async def _work_items(self, request: EmbedRequest) -> list[WorkItem]:
         side = self._truncation_side(request)

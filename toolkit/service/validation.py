@@ -26,6 +26,7 @@ class RequestLimits:
     truncation_side: str
     default_prompt_name: str | None
     max_tokens_per_request: int | None = None
+    request_timeout: float | None = None
 
 
 @dataclass(frozen=True)
