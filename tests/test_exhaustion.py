@@ -268,3 +268,16 @@ def _wait_for_health(url: str, status: int, within_s: float) -> None:
     while requests.get(f"{url}/health", timeout=5).status_code != status:
         assert time.monotonic() < deadline, f"/health never answered {status}"
         time.sleep(0.2)
+
+
+def test_a_web_page_cannot_drive_the_server(server: Server) -> None:
+    """DNS rebinding names another host; a cross-origin page posts text/plain without a preflight."""
+    body = json.dumps({"input": "hi"})
+    rebound = requests.post(f"{server.url}/v1/embeddings", data=body, headers={"Host": "rebound.example"})
+    page = requests.post(
+        f"{server.url}/v1/embeddings",
+        data=body,
+        headers={"Origin": "http://evil.example", "Content-Type": "text/plain"},
+    )
+    assert (rebound.status_code, page.status_code) == (403, 403)
+    assert requests.post(f"{server.url}/v1/embeddings", data=body).status_code == 200  # curl -d
