@@ -19,11 +19,11 @@ from toolkit.execution.runner import Runner
 from toolkit.models import short_batch_linear
 from toolkit.scheduling.work import WorkItem
 from toolkit.server_args import ServerArgs
-from toolkit.service.model_files import ModelFiles, read_model_files
+from toolkit.service.model_files import ModelFiles
 
 
 def files_of(args: ServerArgs) -> ModelFiles:
-    return read_model_files(args.model_path, args.tokenizer_path, args.pooling, args.normalize)
+    return args.model_files()
 
 
 def test_loading_warm_up_and_serving_share_one_thread(monkeypatch) -> None:  # type: ignore[no-untyped-def]

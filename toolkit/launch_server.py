@@ -19,7 +19,6 @@ from toolkit.errors import ModelLoadError
 from toolkit.execution.memory import pin_mmap_threshold, use_transparent_huge_pages
 from toolkit.process.bootstrap import bind_error, configure_logging, listening_socket, stop_with_parent
 from toolkit.server_args import ServerArgs
-from toolkit.service.model_files import read_model_files
 
 logger = logging.getLogger("toolkit")
 
@@ -50,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: ServerArgs, sock: socket.socket, argv: list[str]) -> int:
-    files = read_model_files(args.model_path, args.tokenizer_path, args.pooling, args.normalize)
+    files = args.model_files()
     # Imported here, not at the top: both import torch, which takes seconds, and --help or a
     # missing model should answer at once.
     if args.http_workers:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit import __version__
 from toolkit.environment import LISTEN_FD_ENV
+from toolkit.service.model_files import ModelFiles, read_model_files
 from toolkit.service.model_spec import POOLING_MODES, EmbeddingSpec
 from toolkit.service.validation import RequestLimits
+from toolkit.version import __version__
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class ServerArgs:
         if values["api_key_file"] is not None:
             values["api_key"] = _read_key(values["api_key"], values["api_key_file"])
         return cls(**values)
+
+    def model_files(self) -> ModelFiles:
+        """Find the model and read its spec and tokenizer, with this server's overrides."""
+        return read_model_files(self.model_path, self.tokenizer_path, self.pooling, self.normalize)
 
     def request_limits(self, spec: EmbeddingSpec, context_length: int, vocab_size: int) -> RequestLimits:
         """What the service enforces per request, for a model of `context_length` positions and

@@ -16,13 +16,13 @@ from toolkit.api.app import create_app
 from toolkit.api.state import ServerState
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import InferenceService
-from toolkit.service.model_files import ModelFiles, read_model_files
+from toolkit.service.model_files import ModelFiles
 
 READY_S = 120.0
 
 
 def model_files(args: ServerArgs) -> ModelFiles:
-    return read_model_files(args.model_path, args.tokenizer_path, args.pooling, args.normalize)
+    return args.model_files()
 
 
 def real_service(args: ServerArgs, files: ModelFiles) -> InferenceService:

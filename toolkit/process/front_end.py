@@ -23,7 +23,6 @@ from toolkit.process.bootstrap import configure_logging, exit_now, inherited_soc
 from toolkit.scheduling.remote import RemoteBatcher, connect_to_engine
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import InferenceService
-from toolkit.service.model_files import read_model_files
 from toolkit.service.validation import RequestLimits
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.listen_fd is None:
         logger.error("a front end needs the listening socket of its engine process")
         return 2
-    files = read_model_files(args.model_path, args.tokenizer_path, args.pooling, args.normalize)
+    files = args.model_files()
 
     def load(on_fatal: Callable[[BaseException], None]) -> InferenceService:
         link, served = connect_to_engine(engine_link)
