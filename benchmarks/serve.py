@@ -53,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument(
+        "--engine", action="store_true", help="also time the in-process toolkit.Engine on the same inputs"
+    )
     parser.add_argument("--server-args", default="", help="extra server flags, e.g. '--no-compile'")
     parser.add_argument(
         "--py-spy", help="record the server with py-spy during the last run (raw stacks file)"
@@ -367,9 +370,26 @@ def main() -> None:
         terminate_process(process)
     if not args.skip_reference:
         results["reference"] = reference_result(tokens, best_bs, seconds_before, time_reference)
+    if args.engine:
+        seconds = time_engine(model_dir, texts if use_texts else inputs, args)
+        rate, best = tokens / seconds, max(run["tokens_per_s"] for run in results["runs"])
+        results["engine"] = {"tokens_per_s": rate, "of_server_best": rate / best}
+        print(f"  in-process Engine: {rate:,.0f} tok/s, {rate / best:.2f}x the server's best", flush=True)
     report(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def time_engine(model_dir: Path, inputs: list[Any], args: argparse.Namespace) -> float:
+    """Seconds for toolkit.Engine to embed `inputs` in this process, after a warm-up pass."""
+    from toolkit import Engine
+
+    options = {"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}
+    with Engine(str(model_dir), device=args.device, dtype=args.dtype, **options) as engine:
+        engine.encode(inputs[:512])
+        started = time.perf_counter()
+        engine.encode(inputs)
+        return time.perf_counter() - started
 
 
 def _start_py_spy(pid: int, output: str) -> subprocess.Popen:

@@ -114,6 +114,23 @@ def trim_when_idle(idle_since: Callable[[], float | None], period_s: float = TRI
     threading.Thread(target=watch, name="heap-trim", daemon=True).start()
 
 
+def tune_process_memory(device: str) -> None:
+    """What a server does at start, for a process that embeds in-process: on a CPU (or `auto`
+    without CUDA), pin the mmap threshold and keep freed memory; huge pages for torch's tensors
+    where torch is not imported yet."""
+    if "torch" not in sys.modules:
+        use_transparent_huge_pages()
+    if device == "cpu" or (device == "auto" and not _cuda_visible()):
+        pin_mmap_threshold()
+        keep_freed_memory()
+
+
+def _cuda_visible() -> bool:
+    import torch  # the caller is about to load a model with it anyway
+
+    return bool(torch.cuda.is_available())
+
+
 def prepare_process_memory(device_type: str) -> None:
     """On a CPU server, keep freed activations in the heap. Call on the main thread before the
     process starts any other thread."""

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from toolkit.execution.assembly import load_service
+from toolkit.execution.memory import tune_process_memory
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import EmbedRequest, InferenceService
 
@@ -40,14 +41,25 @@ class Engine:
 
     `options` are the server's flags by their ServerArgs names (`max_batch_tokens=4096`,
     `cpu_workers=1`, `normalize=False`, ...). A context manager; `close()` frees the device.
+
+    On a CPU the engine sets this process's malloc as the server sets its own (freed activations
+    stay in the heap, which is given back once idle; `toolkit.execution.memory`): several per
+    cent faster. `tune_memory=False` leaves the process's malloc alone.
     """
 
     def __init__(
-        self, model_path: str | None = None, device: str = "auto", dtype: str = "auto", **options: Any
+        self,
+        model_path: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        tune_memory: bool = True,
+        **options: Any,
     ) -> None:
         options.setdefault("max_tokens_per_request", None)  # an HTTP limit, not one of a caller's
         self.args = _engine_args(model_path, device, dtype, options)
         files = self.args.model_files()
+        if tune_memory:
+            tune_process_memory(self.args.device)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="toolkit-engine", daemon=True)
         self._thread.start()

@@ -1,0 +1,151 @@
+"""Embedding a corpus: the in-process Engine, the server over HTTP and sentence-transformers, in one run.
+
+    python benchmarks/corpus.py                          # 20k texts, the bundled MiniLM, this CPU
+    python benchmarks/corpus.py --num-texts 5000 --memory 10000,100000
+
+Each way embeds the same texts (5-200 words each): `SentenceTransformer.encode` (batch size 32,
+as its users run it), `toolkit.Engine.encode` in this process, and a server started with
+`launch_server_cmd` driven by 8 clients of 64 texts per request. Prints texts/s and tokens/s and
+the ratios to sentence-transformers, the machine and its CPU flags. `--memory` then embeds each
+count of texts (5-30 words, to keep the runs short) in a fresh process with `Engine.stream`,
+writing to a memory-mapped file, and prints each one's peak RSS: streaming should keep it flat
+whatever the count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.serve import drive, machine_description, payloads_for
+
+WORDS = "the of and a to in is server vector model text search query document fast".split()
+
+
+def corpus(count: int, seed: int = 0, longest: int = 200) -> Iterator[str]:
+    """Texts of 5 to `longest` words, each word one token of MiniLM's, generated lazily."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        yield " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, longest)))
+
+
+def cpu_flags() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in info if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+    return " ".join(flag for flag in wanted if flag in flags) or "no avx2"
+
+
+def time_sentence_transformers(texts: list[str]) -> float:
+    from sentence_transformers import SentenceTransformer
+
+    from toolkit.service.model_source import bundled_model_dir
+
+    model = SentenceTransformer(str(bundled_model_dir()), device="cpu")
+    model.encode(texts[:256], batch_size=32)  # warm up
+    started = time.perf_counter()
+    model.encode(texts, batch_size=32)
+    return time.perf_counter() - started
+
+
+def time_engine(texts: list[str]) -> float:
+    from toolkit import Engine
+
+    with Engine(device="cpu") as engine:
+        engine.encode(texts[:256])  # warm up
+        started = time.perf_counter()
+        engine.encode(texts)
+        return time.perf_counter() - started
+
+
+def time_server(texts: list[str]) -> float:
+    from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
+
+    process, port = launch_server_cmd("python3 -m toolkit.launch_server --log-level warning")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, timeout=300, process=process)
+        asyncio.run(drive(url, payloads_for(texts[:256], 64), 8))  # warm up
+        return float(asyncio.run(drive(url, payloads_for(texts, 64), 8))["elapsed_s"])
+    finally:
+        terminate_process(process)
+
+
+def peak_rss_mb(count: int) -> float:
+    """Embed `count` texts with Engine.stream into a memory-mapped file, in a fresh process."""
+    script = f"""
+import sys, tempfile, threading, time, psutil, numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from benchmarks.corpus import corpus
+from toolkit import Engine
+peak, done = 0, False
+def sample():
+    global peak
+    process = psutil.Process()
+    while not done:
+        peak = max(peak, process.memory_info().rss)
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
+with Engine(device="cpu") as engine, tempfile.TemporaryFile() as file:
+    out = np.memmap(file, dtype=np.float32, mode="w+", shape=({count}, engine.embedding_dim))
+    row = 0
+    for part in engine.stream(corpus({count}, seed=1, longest=30)):
+        out[row : row + len(part)] = part
+        row += len(part)
+    out.flush()
+done = True
+print(peak / 2**20)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num-texts", type=int, default=20_000)
+    parser.add_argument(
+        "--memory", default="10000,100000", help="text counts for the peak-RSS runs ('' for none)"
+    )
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    texts = list(corpus(args.num_texts))
+    tokens = sum(len(text.split()) + 2 for text in texts)
+    seconds = {
+        "sentence-transformers": time_sentence_transformers(texts),
+        "toolkit Engine (in-process)": time_engine(texts),
+        "toolkit server (HTTP, 8 clients)": time_server(texts),
+    }
+    reference = seconds["sentence-transformers"]
+    print(f"{machine_description('cpu')}; CPU flags: {cpu_flags()}")
+    print(f"{len(texts)} texts, {tokens} tokens (5-200 words each)")
+    for name, elapsed in seconds.items():
+        print(
+            f"  {name:34s} {len(texts) / elapsed:8.0f} texts/s {tokens / elapsed:9.0f} tok/s "
+            f"{reference / elapsed:5.2f}x sentence-transformers"
+        )
+    memory = {int(count): peak_rss_mb(int(count)) for count in args.memory.split(",") if count}
+    for count, peak in memory.items():
+        print(f"  Engine.stream, {count} texts: peak RSS {peak:.0f} MB")
+    if args.out:
+        results = {"texts": len(texts), "tokens": tokens, "seconds": seconds, "peak_rss_mb": memory}
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
