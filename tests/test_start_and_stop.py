@@ -163,3 +163,39 @@ def _in_flight(url: str) -> float:
         if line.startswith("toolkit_requests_in_flight "):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_the_default_log_is_short_lines_and_one_per_request() -> None:
+    """At the default level: a start line, a loaded line, a ready line, one access line per
+    request; no settings dump, no batch lines, no uvicorn chatter."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "toolkit.launch_server", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(server.stdout or []), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any("Ready:" in line for line in lines), "the server is ready", 120)
+        for _ in range(3):
+            requests.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": ["a", "b"]}, timeout=30)
+        wait_until(lambda: sum("method=POST" in line for line in lines) == 3, "three access lines")
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        reader.join(10)
+        assert server.stdout is not None
+        server.stdout.close()
+    before_ready = lines[: next(i for i, line in enumerate(lines) if "Ready:" in line) + 1]
+    assert len(before_ready) == 3, before_ready  # starting, loaded, ready
+    assert all(len(line) <= 200 for line in lines), max(lines, key=len)
+    text = "".join(lines)
+    for chatter in ("server_args=", "Batch.", "Application startup", "Started server process"):
+        assert chatter not in text
