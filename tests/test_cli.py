@@ -8,7 +8,8 @@ import argparse
 import pytest
 
 from toolkit import __version__
-from toolkit.server_args import ServerArgs, build_parser
+from toolkit.server_args import ServerArgs
+from toolkit.server_flags import build_parser
 
 
 def _flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:

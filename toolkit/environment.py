@@ -16,3 +16,8 @@ ENGINE_SOCKET_ENV = "TOOLKIT_ENGINE_SOCKET"
 # `launch_server_cmd` names its own process here ("PID:START_TIME"): the server stops once that
 # process is gone, so a crashed or killed notebook kernel leaves no server behind.
 PARENT_ENV = "TOOLKIT_PARENT"
+
+# An engine process of `--dp-size N`: its end of the control socket over which the supervisor
+# sends it the front ends' links, and its number.
+CONTROL_SOCKET_ENV = "TOOLKIT_CONTROL_SOCKET"
+ENGINE_INDEX_ENV = "TOOLKIT_ENGINE_INDEX"

@@ -8,6 +8,7 @@ exit 1, before anything is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -52,6 +53,11 @@ def _run(args: ServerArgs, sock: socket.socket, argv: list[str]) -> int:
     files = args.model_files()
     # Imported here, not at the top: both import torch, which takes seconds, and --help or a
     # missing model should answer at once.
+    if args.dp_size > 1:
+        from toolkit.process import data_parallel
+
+        front_ends = args.http_workers or args.dp_size
+        return data_parallel.main(dataclasses.replace(args, http_workers=front_ends), files, argv, sock)
     if args.http_workers:
         from toolkit.process import engine
 

@@ -48,6 +48,10 @@ class FakeBatchQueue:
         return False
 
     @property
+    def engines_alive(self) -> int:
+        return int(self.alive)
+
+    @property
     def queued_inputs(self) -> int:
         return 0
 

@@ -101,6 +101,11 @@ class Metrics:
             "Embedding requests admitted and not answered yet.",
             registry=registry,
         )
+        self.engines = Gauge(
+            "toolkit_engines_alive",
+            "Engine processes taking work (1 for a server without --dp-size, 0 once it has failed).",
+            registry=registry,
+        )
         self.ready = Gauge(
             "toolkit_ready", "1 when the server embeds, 0 while loading or draining.", registry=registry
         )
@@ -111,8 +116,10 @@ class Metrics:
         queue_tokens: Callable[[], float],
         in_flight: Callable[[], float],
         ready: Callable[[], float],
+        engines: Callable[[], float],
     ) -> None:
         """Gauges read at scrape time: nothing is counted on the hot path for them."""
+        self.engines.set_function(engines)
         self.queue_inputs.set_function(queue_inputs)
         self.queue_tokens.set_function(queue_tokens)
         self.in_flight.set_function(in_flight)

@@ -58,6 +58,7 @@ class ServerState:
             queue_tokens=queued("queued_tokens"),
             in_flight=lambda: self.admission.in_flight,
             ready=ready,
+            engines=queued("engines_alive"),
         )
 
 

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 _INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process ended by Ctrl+C
 
 
-class _StopRequested(BaseException):
+class StopRequested(BaseException):
     """SIGTERM or SIGINT arrived while the model was loading. A BaseException, as
     KeyboardInterrupt is, so that no `except Exception` on the way swallows it."""
 
@@ -47,8 +47,8 @@ def main(args: ServerArgs, files: ModelFiles, argv: Sequence[str], http_socket: 
     try:
         stop_requested: list[int] = []  # signals noted between the load and the event loop
         try:
-            service = _load_interruptibly(args, files, stop_requested)
-        except _StopRequested:
+            service = load_interruptibly(args, files, stop_requested)
+        except StopRequested:
             logger.info("Stopped while the model was loading.")
             stopped_while_loading = True
             return 0
@@ -66,9 +66,9 @@ def main(args: ServerArgs, files: ModelFiles, argv: Sequence[str], http_socket: 
             exit_now(0)
 
 
-def _load_interruptibly(args: ServerArgs, files: ModelFiles, stop_requested: list[int]) -> InferenceService:
+def load_interruptibly(args: ServerArgs, files: ModelFiles, stop_requested: list[int]) -> InferenceService:
     """Load the model; until the event loop takes the signals over, a stop request interrupts
-    the load (raising _StopRequested), and after the load it is only noted."""
+    the load (raising StopRequested), and after the load it is only noted."""
     # Imported once the front ends are started: importing torch takes seconds, while they boot.
     from toolkit.execution.assembly import load_service
     from toolkit.execution.device import pick_device
@@ -77,7 +77,7 @@ def _load_interruptibly(args: ServerArgs, files: ModelFiles, stop_requested: lis
     try:
         prepare_process_memory(pick_device(args.device).type)  # no thread of this process has started yet
         service = load_service(args, files)
-    except _StopRequested:
+    except StopRequested:
         _on_stop_signals(lambda signum, _: None)  # a second signal changes nothing now
         raise
     _on_stop_signals(lambda signum, _: stop_requested.append(signum))
@@ -90,7 +90,7 @@ def _on_stop_signals(handler: Callable[[int, FrameType | None], None]) -> None:
 
 
 def _raise_stop_requested(signum: int, frame: FrameType | None) -> None:
-    raise _StopRequested(signal.Signals(signum).name)
+    raise StopRequested(signal.Signals(signum).name)
 
 
 async def _serve(
@@ -116,17 +116,11 @@ async def _serve(
     if stop_requested:  # noted between the end of loading and here
         stopping.set()
     links: set[asyncio.Task[None]] = set()
-
-    def serve_link(link: socket.socket) -> None:
-        task = loop.create_task(_serve_link(server, link))
-        links.add(task)
-        task.add_done_callback(links.discard)
-
-    front_ends.serve_links(serve_link)
+    front_ends.serve_links(lambda _, link: serve_link(server, link, links))
     heartbeat = loop.create_task(server.heartbeat(lambda: service.stalled))
     logger.info("The engine is serving its HTTP front ends.")
     supervised = loop.create_task(front_ends.supervise(stopping))
-    broken = loop.create_task(_broken(service))
+    broken = loop.create_task(until_broken(service))
     signalled = loop.create_task(stopping.wait())
     await asyncio.wait({supervised, broken, signalled}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = await _wind_down(stopping, broken, front_ends, drain_timeout)
@@ -134,6 +128,13 @@ async def _serve(
         task.cancel()
     await service.close()
     return exit_code
+
+
+def serve_link(server: BatchServer, link: socket.socket, tasks: set[asyncio.Task[None]]) -> None:
+    """Serve one front end's link on the running loop (its task kept in `tasks`)."""
+    task = asyncio.get_running_loop().create_task(_serve_link(server, link))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 async def _serve_link(server: BatchServer, link: socket.socket) -> None:
@@ -161,6 +162,6 @@ async def _wind_down(
     return 1
 
 
-async def _broken(service: InferenceService) -> None:
+async def until_broken(service: InferenceService) -> None:
     while service.alive:
         await asyncio.sleep(POLL_S)

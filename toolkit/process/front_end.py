@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from toolkit.api.server import serve_http
 from toolkit.environment import ENGINE_SOCKET_ENV, LISTEN_FD_ENV
+from toolkit.errors import ModelLoadError
 from toolkit.process.bootstrap import configure_logging, exit_now, inherited_socket
 from toolkit.scheduling.remote import RemoteBatcher, connect_to_engine
+from toolkit.scheduling.routing import RoutingBatcher
+from toolkit.scheduling.work import BatchQueue
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import InferenceService
 from toolkit.service.validation import RequestLimits
@@ -30,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = ServerArgs.from_cli(argv)
-    engine_link = int(os.environ.pop(ENGINE_SOCKET_ENV))
+    engine_links = [int(fd) for fd in os.environ.pop(ENGINE_SOCKET_ENV).split(",")]
     os.environ.pop(LISTEN_FD_ENV, None)
     configure_logging(args.log_level, f"front end {os.getpid()}")
     if args.listen_fd is None:
@@ -39,12 +45,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = args.model_files()
 
     def load(on_fatal: Callable[[BaseException], None]) -> InferenceService:
-        link, served = connect_to_engine(engine_link)
+        links, served = _connect(engine_links)
         limits = RequestLimits(**served["limits"])
-        queue = RemoteBatcher(link, on_fatal)
+        queue: BatchQueue
+        if len(links) == 1:
+            queue = RemoteBatcher(links[0], on_fatal)
+        else:
+            engines: list[RemoteBatcher] = []
+
+            def lost(error: BaseException) -> None:  # the front end stops with its last engine
+                if not any(engine.alive for engine in engines):
+                    on_fatal(error)
+
+            engines.extend(RemoteBatcher(link, lost) for link in links)
+            queue = RoutingBatcher(engines)
         return InferenceService(queue, files.tokenizer, files.spec, limits, int(served["embedding_dim"]))
 
     return serve_http(args, files, load, inherited_socket(args.listen_fd), exit_now)
+
+
+def _connect(fds: list[int]) -> tuple[list[socket.socket], dict[str, Any]]:
+    """Wait for every engine's HELLO at once; engines that fail to start are left out, and only
+    if all fail is that an error."""
+    with ThreadPoolExecutor(max_workers=len(fds)) as pool:
+        attempts = [pool.submit(connect_to_engine, fd) for fd in fds]
+    links, served, errors = [], {}, []
+    for attempt in attempts:
+        try:
+            link, served = attempt.result()
+            links.append(link)
+        except ModelLoadError as exc:
+            errors.append(exc)
+    if not links:
+        raise errors[0]
+    if errors:
+        logger.error("%d of %d engines did not start: serving with the others", len(errors), len(fds))
+    return links, served
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from toolkit.environment import ENGINE_SOCKET_ENV, LISTEN_FD_ENV
-from toolkit.server_args import ENV_PREFIX
+from toolkit.process.bootstrap import without_flags
+from toolkit.server_flags import ENV_PREFIX
 
 API_KEY_ENV, API_KEY_FILE_ENV = f"{ENV_PREFIX}API_KEY", f"{ENV_PREFIX}API_KEY_FILE"
 
@@ -33,48 +34,63 @@ _RESTARTS_PER_WINDOW = 3
 _RESTART_WINDOW_S = 60.0
 
 
+# Hands the engine's end of a new front end's link to engine number `index`.
+LinkServer = Callable[[int, socket.socket], None]
+
+
 class FrontEnds:
     def __init__(
-        self, argv: Sequence[str], http_socket: socket.socket, count: int, api_key: str | None = None
+        self,
+        argv: Sequence[str],
+        http_socket: socket.socket,
+        count: int,
+        api_key: str | None = None,
+        engines: int = 1,
     ) -> None:
         # The key goes by environment, not argv, which every user can read in the process list.
-        self._argv = _without_api_key(argv)
+        self._argv = without_flags(argv, ("--api-key", "--api-key-file"))
         self._api_key = api_key
-        # The engine keeps the listening socket (it never accepts on it) to start replacements.
+        # Whoever starts the front ends keeps the listening socket (it never accepts on it) to
+        # start replacements.
         self._http_socket = http_socket
-        # The engine's ends of the links, until `serve_links` hands them to the engine's server.
-        self._new_links: list[socket.socket] = []
-        self._serve_link: Callable[[socket.socket], None] | None = None
+        self._engines = engines
+        # The engines' ends of the links (one per engine and front end), until `serve_links`.
+        self._new_links: list[tuple[int, socket.socket]] = []
+        self._serve_link: LinkServer | None = None
         self.processes = [self._start() for _ in range(count)]
 
-    def serve_links(self, serve: Callable[[socket.socket], None]) -> None:
+    def serve_links(self, serve: LinkServer) -> None:
         """Hand every link to `serve`, those of front ends started later too."""
         self._serve_link = serve
-        for link in self._new_links:
-            serve(link)
+        for index, link in self._new_links:
+            serve(index, link)
         self._new_links.clear()
 
     def _start(self) -> subprocess.Popen[bytes]:
-        engine_end, front_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = (self._http_socket.fileno(), front_end.fileno())
-        env = {**os.environ, LISTEN_FD_ENV: str(fds[0]), ENGINE_SOCKET_ENV: str(fds[1])}
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(self._engines)]
+        links = [front_end.fileno() for _, front_end in pairs]
+        env = dict(os.environ)
+        env[LISTEN_FD_ENV] = str(self._http_socket.fileno())
+        env[ENGINE_SOCKET_ENV] = ",".join(map(str, links))
         env.pop(API_KEY_FILE_ENV, None)
         if self._api_key is not None:
             env[API_KEY_ENV] = self._api_key
         command = [sys.executable, "-m", "toolkit.process.front_end", *self._argv]
         try:
-            process = subprocess.Popen(command, env=env, pass_fds=fds)
+            process = subprocess.Popen(command, env=env, pass_fds=(self._http_socket.fileno(), *links))
         finally:
-            front_end.close()
-        if self._serve_link is None:
-            self._new_links.append(engine_end)
-        else:
-            self._serve_link(engine_end)
+            for _, front_end in pairs:
+                front_end.close()
+        for index, (engine_end, _) in enumerate(pairs):
+            if self._serve_link is None:
+                self._new_links.append((index, engine_end))
+            else:
+                self._serve_link(index, engine_end)
         return process
 
     def close_unserved_links(self) -> None:
         """Front ends still waiting for their HELLO see the engine gone."""
-        for link in self._new_links:
+        for _, link in self._new_links:
             link.close()
         self._new_links.clear()
 
@@ -129,16 +145,3 @@ class FrontEnds:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def _without_api_key(argv: Sequence[str]) -> list[str]:
-    kept: list[str] = []
-    skip = False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word in ("--api-key", "--api-key-file"):
-            skip = True
-        elif not word.startswith(("--api-key=", "--api-key-file=")):
-            kept.append(word)
-    return kept

@@ -138,6 +138,10 @@ class Batcher:
         return task_ok and self.runner.alive
 
     @property
+    def engines_alive(self) -> int:
+        return int(self.alive)
+
+    @property
     def stalled(self) -> bool:
         """Whether work has waited `STALL_AFTER_S` without any batch finishing."""
         busy = self._running > 0 or self._queued_inputs > 0

@@ -55,10 +55,21 @@ class RemoteBatcher:
         self.queued_tokens = 0
         self._last_frame = time.monotonic()
         self._engine_stalled = False
+        self._sent_tokens: dict[int, int] = {}  # per request sent and not yet answered
 
     @property
     def alive(self) -> bool:
         return self._open
+
+    @property
+    def engines_alive(self) -> int:
+        return int(self._open)
+
+    @property
+    def load(self) -> int:
+        """Tokens waiting on the engine, as far as this front end knows: its last report of its
+        queue, and what this front end sent since and has not had answered."""
+        return self.queued_tokens + sum(self._sent_tokens.values())
 
     @property
     def stalled(self) -> bool:
@@ -89,6 +100,7 @@ class RemoteBatcher:
             return future
         request_id = next(self._ids)
         self._waiting[request_id] = _Waiting(future, timing)
+        self._sent_tokens[request_id] = sum(len(item.token_ids) for item in items)
         self._send(wire.encode_submit(request_id, items))
         if timing is not None:
             timing.admitted = time.perf_counter()
@@ -103,6 +115,7 @@ class RemoteBatcher:
 
     def _settled(self, request_id: int, future: asyncio.Future[list[np.ndarray]]) -> None:
         waiting = self._waiting.pop(request_id, None)
+        self._sent_tokens.pop(request_id, None)
         if waiting is not None and future.cancelled() and self._open:
             self._send(wire.frame(wire.CANCEL, request_id))  # the client left: the engine withdraws
 
@@ -122,7 +135,7 @@ class RemoteBatcher:
             logger.exception("the engine link failed")
             lost = exc
         self._open = False
-        logger.error("lost the engine process (%r): this front end stops", lost)
+        logger.error("lost the link to an engine process (%r)", lost)
         self._fail_waiting(ServiceUnavailableError("the inference worker is not running"))
         self._on_lost(lost)
 

@@ -39,6 +39,10 @@ class BatchQueue(Protocol):
     def alive(self) -> bool: ...
 
     @property
+    def engines_alive(self) -> int:
+        """Engines taking work: 1 or 0, or how many of several (`--dp-size`)."""
+
+    @property
     def stalled(self) -> bool:
         """Whether work waits and nothing progresses (a hung device, a frozen engine process)."""
 

@@ -109,6 +109,10 @@ class InferenceService:
         return self.queue.stalled
 
     @property
+    def engines_alive(self) -> int:
+        return self.queue.engines_alive
+
+    @property
     def queued_inputs(self) -> int:
         return self.queue.queued_inputs
 
