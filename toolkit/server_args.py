@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from toolkit.environment import LISTEN_FD_ENV
 from toolkit.server_flags import build_parser
@@ -76,6 +77,20 @@ class ServerArgs:
         if values["api_key_file"] is not None:
             values["api_key"] = _read_key(values["api_key"], values["api_key_file"])
         return cls(**values)
+
+    @classmethod
+    def from_options(cls, caller: str, **options: Any) -> ServerArgs:
+        """ServerArgs from keyword options (an Engine's, a Ray replica's); an unknown name is a
+        TypeError that lists the known ones."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown {caller} options {unknown}; the options are ServerArgs' fields: {sorted(known)}"
+            )
+        if options.get("api_key_file") is not None:
+            options["api_key"] = _read_key(options.get("api_key"), options["api_key_file"])
+        return cls(**options)
 
     def model_files(self) -> ModelFiles:
         """Find the model and read its spec and tokenizer, with this server's overrides."""

@@ -56,7 +56,9 @@ class Engine:
         **options: Any,
     ) -> None:
         options.setdefault("max_tokens_per_request", None)  # an HTTP limit, not one of a caller's
-        self.args = _engine_args(model_path, device, dtype, options)
+        self.args = ServerArgs.from_options(
+            "Engine", model_path=model_path, device=device, dtype=dtype, **options
+        )
         files = self.args.model_files()
         if tune_memory:
             tune_process_memory(self.args.device)
@@ -224,13 +226,3 @@ def _chunks(inputs: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(inputs)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
-
-
-def _engine_args(model_path: str | None, device: str, dtype: str, options: dict[str, Any]) -> ServerArgs:
-    known = {field.name for field in dataclasses.fields(ServerArgs)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(
-            f"unknown Engine options {unknown}; the options are ServerArgs' fields: {sorted(known)}"
-        )
-    return ServerArgs(model_path=model_path, device=device, dtype=dtype, **options)
