@@ -23,10 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from model_zoo import build_tiny_model
-
+from tests.helpers.model_zoo import build_tiny_model
 from toolkit.execution.runner import Runner
 from toolkit.models.loader import load_model
 from toolkit.scheduling.work import WorkItem

@@ -56,6 +56,10 @@ REPLACEMENTS: tuple[tuple[str, str, str], ...] = (
     # Float digits beyond the 4th decimal: the last bits differ between CPUs and BLAS builds.
     (OUTPUTS, r"(\d\.\d{4})\d+", r"\1"),
 )
+# A cell tagged `measured` prints timings: its numbers and figures vary from run to run, its
+# shape (the lines, the columns, that a figure is drawn) must not.
+MEASURED_TAG = "measured"
+MEASURED_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 # A server log line, tagged with a time and, in a front end, the process; and what its shape masks.
 LOG_LINE = re.compile(r"\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?: [^\]\n]*)?\] ([^\n]*)")
 SHAPE_MASKS: tuple[tuple[str, str], ...] = (
@@ -101,6 +105,8 @@ def normalized(notebook: NotebookNode) -> NotebookNode:
     for cell in notebook.cells:
         if cell.cell_type != "code":
             continue
+        if MEASURED_TAG in cell.metadata.get("tags", ()):
+            _mask_measured(cell.outputs)
         outputs: list[NotebookNode] = []
         for output in cell.outputs:
             if output.output_type == "stream":
@@ -113,6 +119,16 @@ def normalized(notebook: NotebookNode) -> NotebookNode:
             outputs.append(output)
         cell.outputs = outputs
     return notebook
+
+
+def _mask_measured(outputs: list[NotebookNode]) -> None:
+    for output in outputs:
+        if "text" in output:
+            output.text = MEASURED_NUMBER.sub("<N>", output.text)
+        for mime in output.get("data", {}):
+            output.data[mime] = (
+                "<FIGURE>" if mime.startswith("image/") else MEASURED_NUMBER.sub("<N>", output.data[mime])
+            )
 
 
 def check_notebook(path: Path, exec_env: dict[str, str], regenerate: bool = False) -> None:
@@ -229,6 +245,23 @@ def test_checker_masks_what_varies(tmp_path: Path, kernel_env: dict[str, str]) -
         f"kernel: {sys.executable}\n"
     )
     check_notebook(_notebook(tmp_path, _VARYING_CELL, committed), kernel_env)
+
+
+def test_checker_masks_numbers_and_figures_only_in_measured_cells(
+    tmp_path: Path, kernel_env: dict[str, str]
+) -> None:
+    source = "print('Engine', 5678, 'texts/s')"  # another run's figure
+    path = _notebook(tmp_path, source, "Engine 1234 texts/s\n")
+    committed = nbformat.read(path, as_version=4)
+    with pytest.raises(AssertionError, match="outputs differ"):
+        check_notebook(path, kernel_env)
+    committed.cells[0].metadata["tags"] = [MEASURED_TAG]
+    nbformat.write(committed, path)
+    check_notebook(path, kernel_env)
+    committed.cells[0].outputs[0].text = "Engine 1234 tokens/s\n"  # the shape changed
+    nbformat.write(committed, path)
+    with pytest.raises(AssertionError, match="outputs differ"):
+        check_notebook(path, kernel_env)
 
 
 def test_checker_fails_on_changed_output(tmp_path: Path, kernel_env: dict[str, str]) -> None:

@@ -71,7 +71,7 @@ def test_map_batches_takes_the_class_with_encode_options(local_ray: None, refere
             "output_column": "v",
             "encode_options": {"dimensions": 64},
         },
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=1,
         batch_size=128,
     )

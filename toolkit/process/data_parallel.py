@@ -139,15 +139,16 @@ def _device_environment(args: ServerArgs, index: int) -> dict[str, str]:
     """Engine `index` sees one GPU, or, on a CPU, its share of the cores."""
     if args.device != "cpu" and args.device_ids:
         return {"CUDA_VISIBLE_DEVICES": str(args.device_ids[index % len(args.device_ids)])}
-    if args.device != "cpu" and _has_cuda():
-        return {"CUDA_VISIBLE_DEVICES": str(index)}
+    gpus = _cuda_devices() if args.device != "cpu" else 0
+    if gpus:  # more engines than GPUs share them in turn
+        return {"CUDA_VISIBLE_DEVICES": str(index % gpus)}
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.dp_size))}
 
 
-def _has_cuda() -> bool:
+def _cuda_devices() -> int:
     import torch  # the supervisor never loads a model: imported only to count the devices
 
-    return bool(torch.cuda.is_available())
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
 def _terminate(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:

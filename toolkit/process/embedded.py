@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # a text bar: tqdm.auto warns in a notebook without ipywidgets
 
 from toolkit.execution.assembly import load_service
 from toolkit.execution.memory import tune_process_memory

@@ -19,7 +19,7 @@ BATCH_SIZE = 256  # rows per map_batches call: a few engine chunks, small blocks
 
 
 class EmbedBatches:
-    """`ds.map_batches(EmbedBatches, fn_constructor_kwargs={"model_path": ...}, concurrency=2)`:
+    """`ds.map_batches(EmbedBatches, fn_constructor_kwargs={...}, compute=ActorPoolStrategy(size=2))`:
     adds `output_column`, the embeddings (float32, one row per text) of `text_column`."""
 
     def __init__(
@@ -74,6 +74,6 @@ def embed_dataset(
         },
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         **resources,
     )
