@@ -69,8 +69,12 @@ SHAPE_MASKS: tuple[tuple[str, str], ...] = (
     (r"\d+(?:\.\d+)?", "<N>"),
 )
 # Paths whose differences never fail the test: tracebacks (ANSI colours, file paths) and what the
-# kernel reports about itself (its Python version) after running the notebook.
-IGNORED: tuple[str, ...] = ("/cells/*/outputs/*/traceback", "/metadata/language_info")
+# kernel reports about itself (its Python version, the state of widgets it drew) after a run.
+IGNORED: tuple[str, ...] = (
+    "/cells/*/outputs/*/traceback",
+    "/metadata/language_info",
+    "/metadata/widgets",
+)
 
 
 @pytest.fixture(scope="module")
