@@ -84,19 +84,21 @@ def time_server(texts: list[str]) -> float:
         terminate_process(process)
 
 
-def peak_rss_mb(count: int) -> float:
-    """Embed `count` texts with Engine.stream into a memory-mapped file, in a fresh process."""
+def peak_rss_mb(count: int) -> dict[str, float]:
+    """Embed `count` texts with Engine.stream into a memory-mapped file, in a fresh process: its
+    peak RSS, and its peak anonymous RSS (without the file's pages, which grow with the count)."""
     script = f"""
 import sys, tempfile, threading, time, psutil, numpy as np
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 from benchmarks.corpus import corpus
 from toolkit import Engine
-peak, done = 0, False
+peak, anonymous, done = 0, 0, False
 def sample():
-    global peak
+    global peak, anonymous
     process = psutil.Process()
     while not done:
-        peak = max(peak, process.memory_info().rss)
+        memory = process.memory_info()
+        peak, anonymous = max(peak, memory.rss), max(anonymous, memory.rss - memory.shared)
         time.sleep(0.05)
 threading.Thread(target=sample, daemon=True).start()
 with Engine(device="cpu") as engine, tempfile.TemporaryFile() as file:
@@ -107,10 +109,11 @@ with Engine(device="cpu") as engine, tempfile.TemporaryFile() as file:
         row += len(part)
     out.flush()
 done = True
-print(peak / 2**20)
+print(peak / 2**20, anonymous / 2**20)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    return float(result.stdout.strip().splitlines()[-1])
+    peak, anonymous = map(float, result.stdout.strip().splitlines()[-1].split())
+    return {"rss": peak, "anonymous": anonymous}
 
 
 def main() -> None:
@@ -140,7 +143,10 @@ def main() -> None:
         )
     memory = {int(count): peak_rss_mb(int(count)) for count in args.memory.split(",") if count}
     for count, peak in memory.items():
-        print(f"  Engine.stream, {count} texts: peak RSS {peak:.0f} MB")
+        print(
+            f"  Engine.stream, {count} texts: peak RSS {peak['rss']:.0f} MB, "
+            f"without the output file's pages {peak['anonymous']:.0f} MB"
+        )
     if args.out:
         results = {"texts": len(texts), "tokens": tokens, "seconds": seconds, "peak_rss_mb": memory}
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -19,7 +19,7 @@ from torch import nn
 
 from toolkit.models.attention import packed_attention
 from toolkit.models.base import SINGLE_TOKEN_MODES
-from toolkit.models.layers import uninitialized_embedding
+from toolkit.models.layers import gelu_, uninitialized_embedding
 from toolkit.models.packed_batch import PackedBatch
 
 
@@ -82,7 +82,7 @@ def compiled_add_layer_norm() -> Callable[..., torch.Tensor]:
 # In place: the MLP's first product returns a fresh tensor that nothing else reads, and writing
 # the activation over it spares a second [T, intermediate] buffer, which lies past the caches.
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": lambda x: torch.ops.aten.gelu_(x),
+    "gelu": gelu_,
     "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
     "relu": lambda x: torch.relu_(x),
