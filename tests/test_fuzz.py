@@ -45,7 +45,17 @@ OPERATIONS = [
     ("GET", "/get_model_info"),
     ("POST", "/v1/embeddings"),
     ("POST", "/encode"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("POST", "/v1/rerank"),
+    ("POST", "/rerank"),
+    ("POST", "/v2/rerank"),
+    ("POST", "/v1/score"),
+    ("POST", "/score"),
+    ("POST", "/v2/embed"),
 ]
+# The same handlers under other paths: fuzzed with valid requests only.
+ALIASES = {"/rerank", "/v2/rerank", "/score"}
 
 
 def test_every_operation_is_fuzzed(api_schema: Any) -> None:
@@ -59,7 +69,9 @@ def test_every_operation_is_fuzzed(api_schema: Any) -> None:
 
 # Negative cases (requests that break the schema) exist only where there is a body to break.
 CASES = [(method, path, GenerationMode.POSITIVE) for method, path in OPERATIONS] + [
-    ("POST", path, GenerationMode.NEGATIVE) for path in ("/v1/embeddings", "/encode")
+    ("POST", path, GenerationMode.NEGATIVE)
+    for method, path in OPERATIONS
+    if method == "POST" and path not in ALIASES
 ]
 
 

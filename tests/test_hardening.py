@@ -152,6 +152,107 @@ CATALOGUE: dict[str, Bad] = {
     "encode-text-number": Bad(400, path="/encode", json={"text": 5}, param="text"),
     "encode-ids-strings": Bad(400, path="/encode", json={"input_ids": ["a"]}, param="input_ids"),
     "encode-ids-past-vocab": Bad(400, path="/encode", json={"input_ids": [10**6]}, param="input_ids"),
+    # Rerank and score (by cosine on an embedding model), Cohere's /v2/embed, the tokenizer.
+    "rerank-documents-missing": Bad(400, path="/v1/rerank", json={"query": "q"}, param="documents"),
+    "rerank-documents-empty": Bad(
+        400, path="/v1/rerank", json={"query": "q", "documents": []}, param="documents"
+    ),
+    "rerank-too-many-documents": Bad(
+        400, path="/rerank", json={"query": "q", "documents": ["x"] * 9}, param="documents"
+    ),
+    "rerank-10k-documents": Bad(
+        413, path="/rerank", json={"query": "q", "documents": ["x"] * 10_000}, code="payload_too_large"
+    ),
+    "rerank-document-number": Bad(
+        400, path="/v1/rerank", json={"query": "q", "documents": [1]}, param="documents"
+    ),
+    "rerank-document-null": Bad(
+        400, path="/v1/rerank", json={"query": "q", "documents": ["ok", None]}, param="documents"
+    ),
+    "rerank-document-object-without-text": Bad(
+        400, path="/v1/rerank", json={"query": "q", "documents": [{"title": "x"}]}, param="documents"
+    ),
+    "rerank-document-empty": Bad(
+        400, path="/v2/rerank", json={"query": "q", "documents": ["ok", ""]}, param="documents"
+    ),
+    "rerank-query-missing": Bad(400, path="/v1/rerank", json={"documents": ["a"]}, param="query"),
+    "rerank-query-empty": Bad(400, path="/v1/rerank", json={"query": "", "documents": ["a"]}, param="query"),
+    "rerank-query-list": Bad(
+        400, path="/v1/rerank", json={"query": ["q"], "documents": ["a"]}, param="query"
+    ),
+    "rerank-top-n-zero": Bad(
+        400, path="/v1/rerank", json={"query": "q", "documents": ["a"], "top_n": 0}, param="top_n"
+    ),
+    "rerank-top-n-negative": Bad(
+        400, path="/v1/rerank", json={"query": "q", "documents": ["a"], "top_n": -1}, param="top_n"
+    ),
+    "rerank-top-n-huge": Bad(
+        400, path="/v1/rerank", json={"query": "q", "documents": ["a"], "top_n": 2**40}, param="top_n"
+    ),
+    "rerank-top-n-string": Bad(
+        400, path="/v1/rerank", json={"query": "q", "documents": ["a"], "top_n": "3"}, param="top_n"
+    ),
+    "rerank-document-over-context": Bad(
+        400,
+        path="/v1/rerank",
+        json={"query": "q", "documents": ["word " * 300]},
+        param="documents",
+        code="context_length_exceeded",
+    ),
+    "rerank-truncated-over-token-budget": Bad(
+        400,
+        path="/v1/rerank",
+        json={"query": "q", "documents": ["word " * 300], "truncate": True},
+        param="documents",
+        code="max_tokens_per_request_exceeded",
+    ),
+    "rerank-return-documents-string": Bad(
+        400, path="/v1/rerank", json={"query": "q", "documents": ["a"], "return_documents": "no"}
+    ),
+    "rerank-model-unknown": Bad(
+        404, path="/v1/rerank", json={"query": "q", "documents": ["a"], "model": "m"}
+    ),
+    "score-text-2-missing": Bad(400, path="/v1/score", json={"text_1": "a"}, param="text_2"),
+    "score-text-2-empty": Bad(400, path="/score", json={"text_1": "a", "text_2": []}, param="text_2"),
+    "score-lengths-differ": Bad(
+        400, path="/v1/score", json={"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, param="text_1"
+    ),
+    "score-text-1-number": Bad(400, path="/v1/score", json={"text_1": 1, "text_2": ["a"]}, param="text_1"),
+    "v2-embed-texts-missing": Bad(400, path="/v2/embed", json={"input_type": "search_query"}, param="texts"),
+    "v2-embed-type-unknown": Bad(
+        400, path="/v2/embed", json={"texts": ["a"], "embedding_types": ["int4"]}, param="embedding_types"
+    ),
+    "v2-embed-types-empty": Bad(
+        400, path="/v2/embed", json={"texts": ["a"], "embedding_types": []}, param="embedding_types"
+    ),
+    "v2-embed-input-type-unknown": Bad(
+        400, path="/v2/embed", json={"texts": ["a"], "input_type": "search"}, param="input_type"
+    ),
+    "v2-embed-truncate-unknown": Bad(
+        400, path="/v2/embed", json={"texts": ["a"], "truncate": "MIDDLE"}, param="truncate"
+    ),
+    "v2-embed-images": Bad(
+        400, path="/v2/embed", json={"texts": ["a"], "images": ["data:,"]}, param="images"
+    ),
+    "v2-embed-output-dimension-too-large": Bad(
+        400, path="/v2/embed", json={"texts": ["a"], "output_dimension": 385}, param="output_dimension"
+    ),
+    "v2-embed-no-truncation-over-context": Bad(
+        400,
+        path="/v2/embed",
+        json={"texts": ["word " * 300], "truncate": "NONE"},
+        param="texts",
+        code="context_length_exceeded",
+    ),
+    "embeddings-embedding-type-unknown": Bad(
+        400, json={"input": "hi", "embedding_type": "int4"}, param="embedding_type"
+    ),
+    "tokenize-prompt-missing": Bad(400, path="/tokenize", json={}, param="prompt"),
+    "tokenize-prompt-number": Bad(400, path="/tokenize", json={"prompt": 5}, param="prompt"),
+    "tokenize-too-many": Bad(400, path="/tokenize", json={"prompt": ["x"] * 9}, param="prompt"),
+    "detokenize-past-vocab": Bad(400, path="/detokenize", json={"tokens": [30522]}, param="tokens"),
+    "detokenize-strings": Bad(400, path="/detokenize", json={"tokens": ["a"]}, param="tokens"),
+    "detokenize-nested": Bad(400, path="/detokenize", json={"tokens": [[101]]}, param="tokens"),
     # HTTP: routes, methods, access.
     "get-embeddings": Bad(405, method="GET"),
     "put-encode": Bad(405, path="/encode", method="PUT", json={}),
@@ -190,7 +291,7 @@ def test_bad_request_gets_a_4xx_in_openai_shape_and_the_server_keeps_serving(
 
 
 def test_catalogue_is_large() -> None:
-    assert len(CATALOGUE) >= 40
+    assert len(CATALOGUE) >= 80
 
 
 @pytest.mark.parametrize(

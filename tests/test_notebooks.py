@@ -57,9 +57,10 @@ REPLACEMENTS: tuple[tuple[str, str, str], ...] = (
     (OUTPUTS, r"(\d\.\d{4})\d+", r"\1"),
 )
 # A cell tagged `measured` prints timings: its numbers and figures vary from run to run, its
-# shape (the lines, the columns, that a figure is drawn) must not.
+# shape (the lines, the columns, that a figure is drawn) must not. The spaces before a number go
+# with it: a table pads its columns to the widest number of the run.
 MEASURED_TAG = "measured"
-MEASURED_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+MEASURED_NUMBER = re.compile(r"(?: +|\b)\d+(?:[.,]\d+)*")
 # A server log line, tagged with a time and, in a front end, the process; and what its shape masks.
 LOG_LINE = re.compile(r"\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?: [^\]\n]*)?\] ([^\n]*)")
 SHAPE_MASKS: tuple[tuple[str, str], ...] = (
@@ -128,11 +129,17 @@ def normalized(notebook: NotebookNode) -> NotebookNode:
 def _mask_measured(outputs: list[NotebookNode]) -> None:
     for output in outputs:
         if "text" in output:
-            output.text = MEASURED_NUMBER.sub("<N>", output.text)
+            output.text = MEASURED_NUMBER.sub(_masked_number, output.text)
         for mime in output.get("data", {}):
             output.data[mime] = (
-                "<FIGURE>" if mime.startswith("image/") else MEASURED_NUMBER.sub("<N>", output.data[mime])
+                "<FIGURE>"
+                if mime.startswith("image/")
+                else MEASURED_NUMBER.sub(_masked_number, output.data[mime])
             )
+
+
+def _masked_number(match: re.Match[str]) -> str:
+    return " <N>" if match.group().startswith(" ") else "<N>"
 
 
 def check_notebook(path: Path, exec_env: dict[str, str], regenerate: bool = False) -> None:

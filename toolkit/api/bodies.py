@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from typing import Any, TypeVar
 
 import ijson
@@ -16,9 +17,11 @@ from pydantic import BaseModel, ValidationError
 
 from toolkit.api.observability import new_id
 from toolkit.api.prescan import PRESCAN_BYTES, prescan
-from toolkit.api.schemas import EmbeddingRequest, EncodeRequest
+from toolkit.api.schemas import CohereEmbedRequest, EmbeddingRequest, EncodeRequest
 from toolkit.errors import InvalidRequestError
+from toolkit.service.compact import compact
 from toolkit.service.inference import EmbedRequest, EmbedResult
+from toolkit.service.similarity import Scores
 from toolkit.service.validation import RequestLimits
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -79,17 +82,103 @@ def embed_request(
     )
 
 
+# Cohere's input types, and the names a model's sentence-transformers prompts give them, in order.
+INPUT_TYPE_PROMPTS = {
+    "search_query": ("search_query", "query"),
+    "search_document": ("search_document", "document", "passage"),
+    "classification": ("classification",),
+    "clustering": ("clustering",),
+}
+# Cohere's truncate: which end is cut (None: refused when too long). Cohere's default is END.
+COHERE_TRUNCATE = {"NONE": None, "START": "left", "END": "right"}
+
+
+def cohere_embed_request(body: CohereEmbedRequest, prompts: dict[str, str]) -> EmbedRequest:
+    """The service's request for a /v2/embed body: the model's prompt for its input type (none
+    where the model has no such prompt), Cohere's truncation, its output dimension."""
+    prompt_name, prompt = None, None
+    if body.input_type is not None:
+        names = INPUT_TYPE_PROMPTS[body.input_type]
+        prompt_name = next((name for name in names if name in prompts), None)
+        prompt = None if prompt_name else ""
+    side = COHERE_TRUNCATE[body.truncate or "END"]
+    return EmbedRequest(
+        inputs=body.texts,
+        param="texts",
+        accepts="texts",
+        dimensions=body.output_dimension,
+        dimensions_param="output_dimension",
+        prompt=prompt,
+        prompt_name=prompt_name,
+        truncate=side is not None,
+        truncation_side=side,
+    )
+
+
 def is_single_input(raw: Any) -> bool:
     """One text or one token-id list, as opposed to a list of them."""
     return isinstance(raw, str) or bool(isinstance(raw, list) and raw and isinstance(raw[0], int))
 
 
-def embeddings_data(result: EmbedResult, as_base64: bool) -> list[dict[str, Any]]:
-    """OpenAI's `data`: one embedding object per input, in order."""
+def embeddings_data(result: EmbedResult, as_base64: bool, kind: str = "float") -> list[dict[str, Any]]:
+    """OpenAI's `data`: one embedding object per input, in order, as floats unless `kind` names
+    a compact type (integers, or base64 of their bytes)."""
+    rows = compact(result.embeddings, kind)
     return [
         {"object": "embedding", "index": i, "embedding": _as_base64(row) if as_base64 else row}
-        for i, row in enumerate(result.embeddings)
+        for i, row in enumerate(rows)
     ]
+
+
+def rerank_answer(model: str, scores: Scores, top_n: int | None, with_documents: bool) -> dict[str, Any]:
+    """The documents' indices by descending score, in the shape Cohere, Jina, vLLM and SGLang
+    clients read (`results`, `usage`, `meta`)."""
+    texts = scores.documents
+    order = np.argsort(-scores.scores, kind="stable")[: top_n or len(texts)]
+    results = []
+    for index in order.tolist():
+        result: dict[str, Any] = {"index": index, "relevance_score": float(scores.scores[index])}
+        if with_documents:
+            result["document"] = {"text": texts[index]}
+        results.append(result)
+    tokens = scores.prompt_tokens
+    return {
+        "id": f"rerank-{new_id()}",
+        "model": model,
+        "results": results,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "meta": {"billed_units": {"input_tokens": tokens, "search_units": 1}},
+    }
+
+
+def score_answer(model: str, scores: Scores) -> dict[str, Any]:
+    """vLLM's /score answer: one score object per pair."""
+    tokens = scores.prompt_tokens
+    return {
+        "id": f"score-{new_id()}",
+        "object": "list",
+        "created": int(time.time()),
+        "model": model,
+        "data": [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores.scores)],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def cohere_embed_answer(texts: list[str], result: EmbedResult, kinds: list[str]) -> dict[str, Any]:
+    """Cohere's /v2/embed answer: the embeddings under each type asked for."""
+    embeddings: dict[str, Any] = {}
+    for kind in kinds:
+        if kind == "base64":
+            embeddings[kind] = [_as_base64(row) for row in result.embeddings]
+        else:
+            embeddings[kind] = compact(result.embeddings, kind)  # orjson writes numpy arrays
+    return {
+        "id": new_id(),
+        "response_type": "embeddings_by_type",
+        "embeddings": embeddings,
+        "texts": texts,
+        "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": result.prompt_tokens}},
+    }
 
 
 def encode_items(result: EmbedResult) -> list[dict[str, Any]]:
@@ -104,4 +193,6 @@ def encode_items(result: EmbedResult) -> list[dict[str, Any]]:
 
 
 def _as_base64(row: np.ndarray) -> str:
-    return base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode("ascii")
+    """A row's bytes, little-endian: float32, or the integers of a compact type."""
+    data = row.astype("<f4", copy=False) if row.dtype.kind == "f" else row
+    return base64.b64encode(data.tobytes()).decode("ascii")

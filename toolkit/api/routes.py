@@ -4,7 +4,8 @@ and the service, errors in `toolkit.api.errors`."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.params import Depends
@@ -22,10 +23,11 @@ from toolkit.api.disconnect import cancel_on_disconnect
 from toolkit.api.metrics import EXPOSITION_CONTENT_TYPE
 from toolkit.api.observability import request_context
 from toolkit.api.responses import JSONResponse
-from toolkit.api.schemas import EmbeddingRequest, EncodeRequest
+from toolkit.api.schemas import DetokenizeRequest, EmbeddingRequest, EncodeRequest, TokenizeRequest
 from toolkit.api.state import ServerState
 from toolkit.errors import InvalidRequestError, ModelNotFoundError, ShuttingDownError, echoed
-from toolkit.service.inference import EmbedRequest, EmbedResult
+from toolkit.scheduling.timing import RequestTiming
+from toolkit.service.inference import EmbedRequest, EmbedResult, InferenceService
 from toolkit.service.validation import RequestLimits
 
 
@@ -62,22 +64,18 @@ def add_embedding_routes(app: FastAPI, state: ServerState, authorized: list[Depe
     @app.post("/v1/embeddings", dependencies=authorized, openapi_extra=json_body(EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
         # The body is read before admission: a body that never arrives holds no drain.
-        body = await parse_body(request, EmbeddingRequest, _limits(state), ("input",))
+        body = await parse_body(request, EmbeddingRequest, limits_of(state), ("input",))
         with state.admission.admit(request.client):
-            if body.model is not None and body.model != state.args.model_name:
-                raise ModelNotFoundError(
-                    f"model {echoed(repr(body.model))} is not served here; this server serves "
-                    f"{state.args.model_name!r}",
-                    param="model",
-                )
+            check_model(state, body.model)
             result = await _embed(state, request, embed_request(body.input, body))
-        data = embeddings_data(result, as_base64=body.encoding_format == "base64")
+        kind = body.embedding_type or "float"
+        data = embeddings_data(result, as_base64=body.encoding_format == "base64", kind=kind)
         usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
         return JSONResponse({"object": "list", "data": data, "model": state.args.model_name, "usage": usage})
 
     @app.post("/encode", dependencies=authorized, openapi_extra=json_body(EncodeRequest))
     async def encode(request: Request) -> Response:
-        body = await parse_body(request, EncodeRequest, _limits(state), ("text", "input_ids"))
+        body = await parse_body(request, EncodeRequest, limits_of(state), ("text", "input_ids"))
         with state.admission.admit(request.client):
             if (body.text is None) == (body.input_ids is None):
                 raise InvalidRequestError("send exactly one of 'text' or 'input_ids'", param="text")
@@ -88,20 +86,76 @@ def add_embedding_routes(app: FastAPI, state: ServerState, authorized: list[Depe
         return JSONResponse(items[0] if is_single_input(raw) else items)
 
 
-def _limits(state: ServerState) -> RequestLimits | None:
+def add_tokenizer_routes(app: FastAPI, state: ServerState, authorized: list[Depends]) -> None:
+    """SGLang's and vLLM's /tokenize and /detokenize, with the model's own tokenizer."""
+
+    @app.post("/tokenize", dependencies=authorized, openapi_extra=json_body(TokenizeRequest))
+    async def tokenize(request: Request) -> Response:
+        body = await parse_body(request, TokenizeRequest, limits_of(state), ("prompt",))
+        with state.admission.admit(request.client):
+            check_model(state, body.model)
+            service = state.ready_service()
+            ids = await service.tokenize(body.prompt, body.add_special_tokens)
+        one = isinstance(body.prompt, str)
+        counts = [len(seq) for seq in ids]
+        return JSONResponse(
+            {
+                "tokens": ids[0] if one else ids,
+                "count": counts[0] if one else counts,
+                "max_model_len": service.limits.context_length,
+            }
+        )
+
+    @app.post("/detokenize", dependencies=authorized, openapi_extra=json_body(DetokenizeRequest))
+    async def detokenize(request: Request) -> Response:
+        body = await parse_body(request, DetokenizeRequest, limits_of(state), ("tokens",))
+        with state.admission.admit(request.client):
+            check_model(state, body.model)
+            text = await state.ready_service().detokenize(body.tokens, body.skip_special_tokens)
+        return JSONResponse({"prompt": text})
+
+
+def limits_of(state: ServerState) -> RequestLimits | None:
     return state.service.limits if state.service is not None else None
 
 
-async def _embed(state: ServerState, request: Request, embed: EmbedRequest) -> EmbedResult:
+def check_model(state: ServerState, model: str | None) -> None:
+    """A request that names a model must name the one served here."""
+    if model is not None and model != state.args.model_name:
+        raise ModelNotFoundError(
+            f"model {echoed(repr(model))} is not served here; this server serves {state.args.model_name!r}",
+            param="model",
+        )
+
+
+class Counted(Protocol):
+    token_counts: list[int]
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+
+Result = TypeVar("Result", bound=Counted)
+
+
+async def run_service(
+    state: ServerState,
+    request: Request,
+    work: Callable[[InferenceService, RequestTiming], Awaitable[Result]],
+) -> Result:
     """Run the service for an admitted request whose body is read, unless its client leaves first."""
     context = request_context(request)
     service = state.ready_service()
     context.timing.service_called = time.perf_counter()
-    result = await cancel_on_disconnect(request.receive, service.embed(embed, context.timing))
+    result = await cancel_on_disconnect(request.receive, work(service, context.timing))
     context.timing.done = time.perf_counter()
     context.inputs = len(result.token_counts)
     context.tokens = result.prompt_tokens
     return result
+
+
+async def _embed(state: ServerState, request: Request, embed: EmbedRequest) -> EmbedResult:
+    return await run_service(state, request, lambda service, timing: service.embed(embed, timing))
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:

@@ -7,11 +7,14 @@ lengths before elements, where pydantic would build an error for every element o
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SkipValidation, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, StrictBool, StrictInt, StrictStr
 
 TokenIds = list[StrictInt]
+Side = Literal["left", "right"]
+CompactType = Literal["float", "int8", "uint8", "binary", "ubinary"]
+MAX_TOP_N = 2**31 - 1
 EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 
 
@@ -28,7 +31,9 @@ class EmbeddingRequest(BaseModel):
     prompt_name: StrictStr | None = None
     prompt: StrictStr | None = None
     truncate: StrictBool | None = None
-    truncation_side: Literal["left", "right"] | None = None
+    truncation_side: Side | None = None
+    # Not OpenAI's: a compact form of each vector (toolkit.service.compact); absent, floats.
+    embedding_type: CompactType | None = None
 
 
 class EncodeRequest(BaseModel):
@@ -42,4 +47,65 @@ class EncodeRequest(BaseModel):
     prompt_name: StrictStr | None = None
     prompt: StrictStr | None = None
     truncate: StrictBool | None = None
-    truncation_side: Literal["left", "right"] | None = None
+    truncation_side: Side | None = None
+
+
+class RerankRequest(BaseModel):
+    """POST /v1/rerank, /rerank, /v2/rerank: the fields Cohere, Jina, vLLM and SGLang clients send."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: StrictStr
+    documents: SkipValidation[list[StrictStr | dict[str, Any]]]
+    model: StrictStr | None = None
+    top_n: StrictInt | None = Field(default=None, ge=1, le=MAX_TOP_N)
+    return_documents: StrictBool = True
+    truncate: StrictBool | None = None
+    truncation_side: Side | None = None
+
+
+class ScoreRequest(BaseModel):
+    """POST /v1/score, /score: vLLM's pairs, `text_1` against each of `text_2` or pairwise."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text_1: SkipValidation[StrictStr | list[StrictStr]]
+    text_2: SkipValidation[StrictStr | list[StrictStr]]
+    model: StrictStr | None = None
+    truncate: StrictBool | None = None
+    truncation_side: Side | None = None
+
+
+class CohereEmbedRequest(BaseModel):
+    """POST /v2/embed, Cohere's: texts only (no images)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    texts: SkipValidation[list[StrictStr]]
+    model: StrictStr | None = None
+    input_type: Literal["search_query", "search_document", "classification", "clustering"] | None = None
+    embedding_types: list[CompactType | Literal["base64"]] | None = Field(default=None, min_length=1)
+    output_dimension: StrictInt | None = None
+    truncate: Literal["NONE", "START", "END"] | None = None
+    images: None = None
+    inputs: None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, SGLang's and vLLM's: a text or texts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: SkipValidation[StrictStr | list[StrictStr]]
+    model: StrictStr | None = None
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: one list of token ids."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tokens: SkipValidation[TokenIds]
+    model: StrictStr | None = None
+    skip_special_tokens: StrictBool = False

@@ -27,6 +27,7 @@ from toolkit.service.validation import (
     check_vocabulary,
     resolve_prompt,
     sort_inputs,
+    text_list,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class EmbedRequest:
     param: str = "input"
     accepts: str = "texts or token ids"  # or "texts", or "token ids" (SGLang's /encode fields)
     dimensions: int | None = None
+    dimensions_param: str = "dimensions"
     prompt: str | None = None
     prompt_name: str | None = None
     truncate: bool | None = None
@@ -124,7 +126,9 @@ class InferenceService:
 
     async def embed(self, request: EmbedRequest, timing: RequestTiming | None = None) -> EmbedResult:
         """`timing`, when given, is stamped on admission and batching (see RequestTiming)."""
-        check_dimensions(request.dimensions, self.embedding_dim, self.spec.matryoshka_dimensions)
+        check_dimensions(
+            request.dimensions, self.embedding_dim, self.spec.matryoshka_dimensions, request.dimensions_param
+        )
         timeout = self.limits.request_timeout
         try:
             async with asyncio.timeout(timeout):
@@ -139,6 +143,27 @@ class InferenceService:
         if request.dimensions is not None and request.dimensions < embeddings.shape[1]:
             embeddings = _truncate_dimensions(embeddings, request.dimensions)
         return EmbedResult(embeddings, [len(item.token_ids) for item in items])
+
+    async def tokenize(self, raw: object, add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of a text or texts, whatever their length: counting them is the point."""
+        texts = text_list(raw, "prompt", self.limits.max_inputs_per_request)
+
+        def encode() -> list[list[int]]:
+            return self.tokenizer.encode(texts, add_special_tokens)
+
+        return encode() if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)
+
+    async def detokenize(self, raw: object, skip_special_tokens: bool = False) -> str:
+        """The text of one list of token ids of this model's vocabulary."""
+        if not isinstance(raw, list) or (raw and isinstance(raw[0], list | str)):
+            raise InvalidRequestError("'tokens' must be one list of token ids", param="tokens")
+        inputs = sort_inputs(raw, "tokens", self.limits, self.max_text_chars, None)
+        assert inputs.token_ids is not None
+        ids = inputs.token_ids[0]
+        check_vocabulary(ids, "tokens", "tokens", self.limits.vocab_size)
+        if len(ids) <= INLINE_TOKENIZE_CHARS:
+            return self.tokenizer.decode(ids, skip_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.decode, ids, skip_special_tokens)
 
     async def _rows(self, items: list[WorkItem], timing: RequestTiming | None) -> list[np.ndarray]:
         future = self.queue.submit(items, timing)

@@ -46,9 +46,13 @@ class TextTokenizer:
         """Number of valid token ids (added tokens included)."""
         return int(self._plain.get_vocab_size(with_added_tokens=True))
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids with special tokens, no truncation."""
-        return [e.ids for e in self._encode_batch(self._plain, texts)]
+    def encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids, with special tokens unless told otherwise, no truncation."""
+        return [e.ids for e in self._encode_batch(self._plain, texts, add_special_tokens)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """The text of token ids, special tokens written out unless skipped."""
+        return str(self._plain.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def encode_truncated(self, texts: list[str], max_length: int, side: str) -> list[list[int]]:
         """Token ids cut to `max_length`, special tokens kept, cutting from `side`."""
@@ -88,9 +92,11 @@ class TextTokenizer:
         return _prompt_length(self._plain, prompt)
 
     @staticmethod
-    def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[Encoding]:
+    def _encode_batch(
+        tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = True
+    ) -> list[Encoding]:
         # encode_batch runs in Rust threads and releases the GIL.
-        encodings: list[Encoding] = tokenizer.encode_batch(texts, add_special_tokens=True)
+        encodings: list[Encoding] = tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
         return encodings
 
 

@@ -161,17 +161,19 @@ def check_total_tokens(items: Sequence[WorkItem], limit: int | None, param: str)
         )
 
 
-def check_dimensions(dimensions: int | None, embedding_dim: int, matryoshka: Sequence[int] | None) -> None:
+def check_dimensions(
+    dimensions: int | None, embedding_dim: int, matryoshka: Sequence[int] | None, param: str = "dimensions"
+) -> None:
     if dimensions is None:
         return
     if matryoshka is not None and dimensions not in matryoshka and dimensions != embedding_dim:
         raise InvalidRequestError(
-            f"dimensions must be one of this model's Matryoshka sizes {list(matryoshka)}",
-            param="dimensions",
+            f"{param} must be one of this model's Matryoshka sizes {list(matryoshka)}",
+            param=param,
         )
     if not 1 <= dimensions <= embedding_dim:
         raise InvalidRequestError(
-            f"dimensions must be between 1 and {embedding_dim}, got {dimensions}", param="dimensions"
+            f"{param} must be between 1 and {embedding_dim}, got {dimensions}", param=param
         )
 
 
@@ -192,3 +194,26 @@ def resolve_prompt(
             f"unknown prompt_name {name!r}; this model's prompts: {known}", param="prompt_name"
         )
     return spec.prompts[name]
+
+
+def text_list(raw: object, param: str, limit: int, objects: bool = False) -> list[str]:
+    """One text or a list of texts, counted before any is looked at; with `objects`, an item may
+    also be `{"text": ...}`, as Cohere's and Jina's documents are."""
+    if isinstance(raw, str):
+        return [raw]
+    if not isinstance(raw, list):
+        raise InvalidRequestError(
+            f"'{param}' must be a string or a list of strings, not {_type_name(raw)}", param=param
+        )
+    check_count(len(raw), limit, param)
+    texts = []
+    for index, item in enumerate(raw):
+        if objects and isinstance(item, dict):
+            item = item.get("text")
+        if not isinstance(item, str):
+            expected = 'a string or {"text": a string}' if objects else "a string"
+            raise InvalidRequestError(
+                f"{param}[{index}] must be {expected}, not {_type_name(item)}", param=param
+            )
+        texts.append(item)
+    return texts

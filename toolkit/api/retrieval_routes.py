@@ -1,0 +1,78 @@
+"""The retrieval routes on an embedding model: rerank and score by cosine similarity (Cohere's,
+Jina's, vLLM's and SGLang's paths), and Cohere's /v2/embed with compact embeddings."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.params import Depends
+from fastapi.responses import Response
+
+from toolkit.api.bodies import (
+    cohere_embed_answer,
+    cohere_embed_request,
+    json_body,
+    parse_body,
+    rerank_answer,
+    score_answer,
+)
+from toolkit.api.responses import JSONResponse
+from toolkit.api.routes import check_model, limits_of, run_service
+from toolkit.api.schemas import CohereEmbedRequest, RerankRequest, ScoreRequest
+from toolkit.api.state import ServerState
+from toolkit.service.similarity import Truncation, rank_documents, score_pairs
+
+RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
+SCORE_PATHS = ("/v1/score", "/score")
+
+
+def add_retrieval_routes(app: FastAPI, state: ServerState, authorized: list[Depends]) -> None:
+    async def rerank(request: Request) -> Response:
+        body = await parse_body(request, RerankRequest, limits_of(state), ("documents",))
+        truncation = Truncation(body.truncate, body.truncation_side)
+        with state.admission.admit(request.client):
+            check_model(state, body.model)
+            scores = await run_service(
+                state,
+                request,
+                lambda service, timing: rank_documents(
+                    service, body.query, body.documents, truncation, timing
+                ),
+            )
+        answer = rerank_answer(state.args.model_name, scores, body.top_n, body.return_documents)
+        return JSONResponse(answer)
+
+    async def score(request: Request) -> Response:
+        body = await parse_body(request, ScoreRequest, limits_of(state), ("text_1", "text_2"))
+        truncation = Truncation(body.truncate, body.truncation_side)
+        with state.admission.admit(request.client):
+            check_model(state, body.model)
+            scores = await run_service(
+                state,
+                request,
+                lambda service, timing: score_pairs(service, body.text_1, body.text_2, truncation, timing),
+            )
+        return JSONResponse(score_answer(state.args.model_name, scores))
+
+    async def cohere_embed(request: Request) -> Response:
+        body = await parse_body(request, CohereEmbedRequest, limits_of(state), ("texts",))
+        with state.admission.admit(request.client):
+            check_model(state, body.model)
+            embed = cohere_embed_request(body, state.ready_service().spec.prompts)
+            result = await run_service(state, request, lambda service, timing: service.embed(embed, timing))
+        return JSONResponse(cohere_embed_answer(body.texts, result, body.embedding_types or ["float"]))
+
+    for path in RERANK_PATHS:
+        app.add_api_route(
+            path, rerank, methods=["POST"], dependencies=authorized, openapi_extra=json_body(RerankRequest)
+        )
+    for path in SCORE_PATHS:
+        app.add_api_route(
+            path, score, methods=["POST"], dependencies=authorized, openapi_extra=json_body(ScoreRequest)
+        )
+    app.add_api_route(
+        "/v2/embed",
+        cohere_embed,
+        methods=["POST"],
+        dependencies=authorized,
+        openapi_extra=json_body(CohereEmbedRequest),
+    )
