@@ -1,7 +1,8 @@
 """How a model turns token states into an embedding, read from its sentence-transformers files.
 
 `modules.json` names the Transformer, Pooling and Normalize modules; `1_Pooling/config.json` the
-pooling; `sentence_bert_config.json` the max length and lower-casing;
+pooling; `sentence_bert_config.json` the max length and lower-casing (sentence-transformers 6
+saves the max length as the tokenizer's `model_max_length` instead);
 `config_sentence_transformers.json` the prompts. A plain transformers checkpoint without these
 files gets sentence-transformers' own defaults for such a model, with last-token pooling for
 decoders (the convention of every decoder embedder).
@@ -79,7 +80,7 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
         pooling_modes=_pooling_modes(pooling_cfg, hf_cfg),
         include_prompt=bool(pooling_cfg.get("include_prompt", True)),
         normalize="Normalize" in by_kind,
-        max_seq_length=bert_cfg.get("max_seq_length"),
+        max_seq_length=_max_seq_length(bert_cfg, hf_cfg, transformer_dir, model_dir),
         do_lower_case=bool(bert_cfg.get("do_lower_case", False)),
         prompts=dict(st_cfg.get("prompts") or {}),
         default_prompt_name=st_cfg.get("default_prompt_name"),
@@ -124,8 +125,28 @@ def _spec_without_st_files(model_dir: Path) -> EmbeddingSpec:
         transformer_dir=model_dir,
         pooling_modes=modes,
         normalize=True,
+        max_seq_length=_max_seq_length({}, hf_cfg, model_dir),
         matryoshka_dimensions=_matryoshka(hf_cfg, {}),
     )
+
+
+# transformers' `model_max_length` when a tokenizer was saved without one (int(1e30)).
+_UNSET_MODEL_MAX_LENGTH = 10**18
+
+
+def _max_seq_length(bert_cfg: dict[str, Any], hf_cfg: dict[str, Any], *dirs: Path) -> int | None:
+    """The limit sentence-transformers truncates at: its own config's `max_seq_length`, else the
+    tokenizer's `model_max_length` capped at the model's positions (as sentence-transformers 6
+    saves and reads it); None where neither says (the positions then decide)."""
+    length = bert_cfg.get("max_seq_length")
+    if isinstance(length, int):
+        return length
+    for directory in dirs:
+        saved = _dict_or_empty(_read_json(directory / "tokenizer_config.json")).get("model_max_length")
+        if isinstance(saved, int) and 0 < saved < _UNSET_MODEL_MAX_LENGTH:
+            positions = hf_cfg.get("max_position_embeddings")
+            return min(saved, positions) if isinstance(positions, int) and positions > 0 else saved
+    return None
 
 
 def _matryoshka(hf_cfg: dict[str, Any], st_cfg: dict[str, Any]) -> tuple[int, ...] | None:
