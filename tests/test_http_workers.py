@@ -41,14 +41,15 @@ from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
 # --- the wire ---------------------------------------------------------------------------------
 
 
-def test_submit_frames_carry_token_ids_and_pool_starts() -> None:
-    items = [WorkItem([5, 6, 7], 1), WorkItem([8]), WorkItem(list(range(300)), 2)]
+def test_submit_frames_carry_token_ids_pool_and_segment_starts() -> None:
+    items = [WorkItem([5, 6, 7], 1), WorkItem([8]), WorkItem(list(range(300)), 2, 150)]
     encoded = wire.encode_submit(42, items)
     length, kind, request_id = wire.HEADER.unpack_from(encoded)
     assert (kind, request_id, length) == (wire.SUBMIT, 42, len(encoded) - wire.HEADER.size)
     decoded = wire.decode_submit(encoded[wire.HEADER.size :])
     assert [list(item.token_ids) for item in decoded] == [list(item.token_ids) for item in items]
     assert [item.pool_start for item in decoded] == [1, 0, 2]
+    assert [item.segment_start for item in decoded] == [0, 0, 150]
 
 
 def test_a_submit_frame_whose_ids_do_not_add_up_is_refused() -> None:

@@ -1,4 +1,5 @@
-"""Whether a server is ready: it lists a model and embeds with it (behind `wait_for_server`).
+"""Whether a server is ready: it lists a model and embeds with it, or ranks with it for a
+cross-encoder (behind `wait_for_server`).
 Standard library and requests only, like the notebook helpers."""
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ def probe(session: requests.Session, base_url: str, remaining: float | None, has
             _refuse_bad_key(r, base_url, has_key)
             if r.status_code != 200:
                 return f"GET /v1/models answered {r.status_code}"
-            model = _first_model_id(r)
+            model, task = _first_model(r)
         if model is None:
             return "GET /v1/models listed no model"
-        body = {"model": model, "input": "warm up"}
-        with session.post(f"{base_url}/v1/embeddings", json=body, timeout=timeout(None)) as r:
+        path, body = "/v1/embeddings", {"model": model, "input": "warm up"}
+        if task == "rerank":
+            path, body = "/v1/rerank", {"model": model, "query": "warm up", "documents": ["warm up"]}
+        with session.post(base_url + path, json=body, timeout=timeout(None)) as r:
             _refuse_bad_key(r, base_url, has_key)
             if r.status_code != 200:
-                return f"POST /v1/embeddings answered {r.status_code}"
+                return f"POST {path} answered {r.status_code}"
     except requests.RequestException as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -52,9 +55,11 @@ def _refuse_bad_key(response: requests.Response, base_url: str, has_key: bool) -
     )
 
 
-def _first_model_id(response: requests.Response) -> str | None:
+def _first_model(response: requests.Response) -> tuple[str | None, str | None]:
+    """The first listed model's id and task ("embed", "rerank"; None before it has loaded)."""
     try:
-        model = response.json()["data"][0]["id"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-    return model if isinstance(model, str) else None
+        card = response.json()["data"][0]
+        model, task = card["id"], card.get("task")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None, None
+    return (model if isinstance(model, str) else None), (task if isinstance(task, str) else None)

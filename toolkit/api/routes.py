@@ -168,6 +168,7 @@ def _model_card(state: ServerState) -> dict[str, Any]:
     }
     if state.service is not None:
         card["max_model_len"] = state.service.limits.context_length
+        card["task"] = state.service.spec.task
     return card
 
 
@@ -181,6 +182,7 @@ def _model_info(state: ServerState) -> dict[str, Any]:
     service = state.service
     if service is not None:
         info |= {
+            "task": service.spec.task,
             "embedding_dim": service.embedding_dim,
             "max_model_len": service.limits.context_length,
             "pooling": list(service.spec.pooling_modes),

@@ -12,9 +12,12 @@ from toolkit.models.packed_batch import PackedBatch
 
 
 def pack(
-    sequences: Sequence[Sequence[int] | np.ndarray], pool_starts: Sequence[int] | None = None
+    sequences: Sequence[Sequence[int] | np.ndarray],
+    pool_starts: Sequence[int] | None = None,
+    segment_starts: Sequence[int] | None = None,
 ) -> PackedBatch:
-    """Concatenate token-id sequences (each non-empty) into one PackedBatch on the CPU."""
+    """Concatenate token-id sequences (each non-empty) into one PackedBatch on the CPU; token
+    types where some sequence is a pair (a non-zero segment start)."""
     if not sequences:
         raise ValueError("cannot pack an empty batch")
     count = len(sequences)
@@ -33,6 +36,11 @@ def pack(
     positions = np.arange(total, dtype=np.int32) - np.repeat(cu_seqlens[:-1], lengths)
     seq_ids = np.repeat(np.arange(count, dtype=np.int32), lengths)
     starts = np.zeros(count, dtype=np.int32) if pool_starts is None else np.asarray(pool_starts, np.int32)
+    token_types = None
+    if segment_starts is not None and any(segment_starts):
+        segments = np.asarray(segment_starts, np.int32)
+        second = (positions >= np.repeat(segments, lengths)) & np.repeat(segments > 0, lengths)
+        token_types = torch.from_numpy(second.astype(np.int32))
     return PackedBatch(
         input_ids=torch.from_numpy(flat),
         position_ids=torch.from_numpy(positions),
@@ -42,4 +50,5 @@ def pack(
         max_seqlen=int(lengths.max()),
         seqlens=lengths.tolist(),
         skips_tokens=bool(starts.any()),
+        token_types=token_types,
     )

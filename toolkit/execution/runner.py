@@ -214,14 +214,20 @@ class Runner:
         # Longest first: padded attention (CPU; MPNet, float32 or pre-Ampere on CUDA) pads each
         # run of similar lengths on its own.
         order = sorted(range(len(items)), key=lambda i: -len(items[i].token_ids))
-        batch = pack([items[i].token_ids for i in order], [items[i].pool_start for i in order])
+        batch = pack(
+            [items[i].token_ids for i in order],
+            [items[i].pool_start for i in order],
+            [items[i].segment_start for i in order],
+        )
         if self.fault_hook is not None:
             self.fault_hook(batch)
         started = None
         if self.device.type == "cuda":
             started = torch.cuda.Event(enable_timing=True)
             started.record()
-        embeddings = self.graphs.run(batch) if self.graphs is not None else None
+        # Graphs hold no token types: pairs run eagerly.
+        graphs = self.graphs if batch.token_types is None else None
+        embeddings = graphs.run(batch) if graphs is not None else None
         if embeddings is None:
             embeddings = self.embed(batch.to(self.device))
         if started is None:

@@ -157,8 +157,9 @@ class Encoder(nn.Module):
         """Hidden states [T, D]; with `rows` (one token per sequence), [B, D] of those tokens only."""
         positions = batch.position_ids.long() + self.cfg.position_offset
         x = self.tok_embeddings(batch.input_ids.long()) + self.pos_embeddings(positions)
-        if self.type_embeddings is not None:
-            # Every input is a single segment: token type 0.
+        if self.type_embeddings is not None and batch.token_types is not None:
+            x = x + self.type_embeddings(batch.token_types.long())
+        elif self.type_embeddings is not None:  # single texts: token type 0 throughout
             x = x + self.type_embeddings.weight[0]
         x = self.emb_norm(x)
         bias = self._relative_bias(batch.max_seqlen, x.device)

@@ -16,10 +16,11 @@ from safetensors import safe_open
 
 from toolkit.errors import ModelLoadError
 from toolkit.models.base import LoadedModel
+from toolkit.models.classifier import PairClassifier, head_state_dict
 from toolkit.models.decoder import Decoder, DecoderConfig, decoder_state_dict
 from toolkit.models.encoder import Encoder, EncoderConfig, encoder_state_dict
 from toolkit.models.hf_fallback import load_transformers_model
-from toolkit.models.registry import family_of
+from toolkit.models.registry import family_of, is_classifier, num_labels
 from toolkit.models.short_batch_linear import pack_linear_weights
 
 logger = logging.getLogger(__name__)
@@ -51,15 +52,22 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Loa
 def _load_native(
     model_dir: Path, hf: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> LoadedModel:
-    module: Encoder | Decoder
+    module: Encoder | Decoder | PairClassifier
     encoder = family_of(hf["model_type"]) == "encoder"
     if encoder:
         enc_cfg = EncoderConfig.from_hf(hf)
-        weights = _strip_prefix(_read_safetensors(model_dir), "embeddings.word_embeddings.weight")
+        raw = _read_safetensors(model_dir)
+        weights = _strip_prefix(raw, "embeddings.word_embeddings.weight")
         with torch.device("meta"):
             module = Encoder(enc_cfg)
         state = encoder_state_dict(weights, enc_cfg)
         dim, max_tokens = enc_cfg.dim, enc_cfg.max_input_tokens
+        if is_classifier(hf):
+            labels = num_labels(hf)
+            with torch.device("meta"):
+                module = PairClassifier(module, labels)
+            state = {f"encoder.{key}": value for key, value in state.items()} | head_state_dict(raw)
+            dim = labels
     else:
         dec_cfg = DecoderConfig.from_hf(hf)
         weights = _strip_prefix(_read_safetensors(model_dir), "embed_tokens.weight")

@@ -30,6 +30,7 @@ class PackedBatch:
     # change behind the batch (a CUDA graph's view of its static buffer, rewritten every replay).
     seqlens: list[int] | None = field(repr=False)
     skips_tokens: bool = False  # whether any pool_starts is non-zero
+    token_types: torch.Tensor | None = None  # [T] int32 for pairs (0 first text, 1 second); else None
 
     @property
     def num_seqs(self) -> int:
@@ -111,9 +112,12 @@ class PackedBatch:
         if device.type == "cpu":
             return self
         buffer = self.host_buffer().pin_memory().to(device, non_blocking=True)
-        return PackedBatch.from_buffer(
+        moved = PackedBatch.from_buffer(
             buffer, self.num_seqs, self.max_seqlen, skips_tokens=self.skips_tokens, seqlens=self.seqlens
         )
+        if self.token_types is not None:
+            moved.token_types = self.token_types.to(device, non_blocking=True)
+        return moved
 
     def host_buffer(self) -> torch.Tensor:
         """Ids, positions, sequence ids, cu_seqlens and pool starts end to end in one int32 tensor."""

@@ -1,4 +1,5 @@
-"""The model families with a packed forward of our own, by `model_type` in `config.json`.
+"""The model families with a packed forward of our own, by `model_type` in `config.json`, and
+whether a config is a cross-encoder.
 
 Torch-free: the request side reads it to choose a model's default pooling. Any other
 `model_type` runs through `toolkit.models.hf_fallback`.
@@ -6,7 +7,7 @@ Torch-free: the request side reads it to choose a model's default pooling. Any o
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 Family = Literal["encoder", "decoder"]
 
@@ -25,3 +26,17 @@ FAMILIES: dict[str, Family] = {
 def family_of(model_type: str | None) -> Family | None:
     """The family of a `model_type`, or None when only the transformers fallback runs it."""
     return FAMILIES.get(model_type or "")
+
+
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def is_classifier(hf: dict[str, Any]) -> bool:
+    """Whether a transformers config describes a sequence classifier (a cross-encoder)."""
+    return any(str(name).endswith(CLASSIFIER_SUFFIX) for name in hf.get("architectures") or ())
+
+
+def num_labels(hf: dict[str, Any]) -> int:
+    """A classifier's outputs: its label names, else `num_labels`, else transformers' default 2."""
+    labels = hf.get("id2label")
+    return len(labels) if isinstance(labels, dict) and labels else int(hf.get("num_labels", 2))

@@ -86,9 +86,11 @@ def encode_submit(request_id: int, items: Sequence[WorkItem]) -> bytes:
     count = len(items)
     lengths = np.fromiter((len(item.token_ids) for item in items), dtype=np.uint32, count=count)
     starts = np.fromiter((item.pool_start for item in items), dtype=np.uint32, count=count)
+    segments = np.fromiter((item.segment_start for item in items), dtype=np.uint32, count=count)
     ids = [np.asarray(item.token_ids, dtype=np.int32) for item in items]
     flat = np.concatenate(ids) if ids else np.empty(0, dtype=np.int32)
-    body = b"".join((_COUNT.pack(count), lengths.tobytes(), starts.tobytes(), flat.tobytes()))
+    parts = (_COUNT.pack(count), lengths.tobytes(), starts.tobytes(), segments.tobytes(), flat.tobytes())
+    body = b"".join(parts)
     return frame(SUBMIT, request_id, body)
 
 
@@ -96,14 +98,17 @@ def decode_submit(body: bytes) -> list[WorkItem]:
     (count,) = _COUNT.unpack_from(body)
     lengths = np.frombuffer(body, dtype=np.uint32, count=count, offset=_COUNT.size)
     starts = np.frombuffer(body, dtype=np.uint32, count=count, offset=_COUNT.size + 4 * count)
-    ids = np.frombuffer(body, dtype=np.int32, offset=_COUNT.size + 8 * count)
+    segments = np.frombuffer(body, dtype=np.uint32, count=count, offset=_COUNT.size + 8 * count)
+    ids = np.frombuffer(body, dtype=np.int32, offset=_COUNT.size + 12 * count)
     ends = np.cumsum(lengths, dtype=np.int64)
     if count and int(ends[-1]) != len(ids):
         raise ValueError(f"a SUBMIT frame announces {int(ends[-1])} token ids but holds {len(ids)}")
     begins = (ends - lengths).tolist()
     return [
-        WorkItem(ids[begin:end], start)
-        for begin, end, start in zip(begins, ends.tolist(), starts.tolist(), strict=True)
+        WorkItem(ids[begin:end], start, segment)
+        for begin, end, start, segment in zip(
+            begins, ends.tolist(), starts.tolist(), segments.tolist(), strict=True
+        )
     ]
 
 

@@ -19,11 +19,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One input: its token ids and how many leading (prompt) tokens pooling must skip.
+    """One input: its token ids, how many leading (prompt) tokens pooling must skip, and where
+    the second text of a pair starts (token type 1 from there on; 0: one text).
     The ids are a list, or an int32 array when they came from a front-end process."""
 
     token_ids: Sequence[int] | np.ndarray
     pool_start: int = 0
+    segment_start: int = 0
 
 
 ItemResult = np.ndarray | BaseException

@@ -61,6 +61,18 @@ class EmbedRequest:
 
 
 @dataclass(frozen=True)
+class PairsRequest:
+    """Text pairs for a cross-encoder: `firsts[i]` with `seconds[i]` (one first: with each);
+    `first_param` and `param` name their fields for error messages."""
+
+    firsts: list[str]
+    seconds: list[str]
+    param: str = "documents"
+    truncate: bool | None = None
+    first_param: str = "query"
+
+
+@dataclass(frozen=True)
 class EmbedResult:
     embeddings: np.ndarray  # [N, D] float32
     token_counts: list[int]
@@ -126,6 +138,12 @@ class InferenceService:
 
     async def embed(self, request: EmbedRequest, timing: RequestTiming | None = None) -> EmbedResult:
         """`timing`, when given, is stamped on admission and batching (see RequestTiming)."""
+        if self.spec.is_cross_encoder:
+            raise InvalidRequestError(
+                "this model is a cross-encoder: it scores text pairs on /v1/rerank and /v1/score "
+                "and has no embeddings",
+                param=request.param,
+            )
         check_dimensions(
             request.dimensions, self.embedding_dim, self.spec.matryoshka_dimensions, request.dimensions_param
         )
@@ -143,6 +161,49 @@ class InferenceService:
         if request.dimensions is not None and request.dimensions < embeddings.shape[1]:
             embeddings = _truncate_dimensions(embeddings, request.dimensions)
         return EmbedResult(embeddings, [len(item.token_ids) for item in items])
+
+    async def classify(self, request: PairsRequest, timing: RequestTiming | None = None) -> EmbedResult:
+        """A cross-encoder's score of each pair: its logits through the model's activation."""
+        if self.spec.labels != 1:
+            raise InvalidRequestError(
+                f"this cross-encoder has {self.spec.labels} labels; ranking and scoring take one"
+            )
+        timeout = self.limits.request_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                items = await self._pair_items(request)
+                check_total_tokens(items, self.limits.max_tokens_per_request, request.param)
+                rows = await self._rows(items, timing)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"no answer within the server's request timeout of {timeout:g} s; the work was withdrawn"
+            ) from None
+        scores = activated(np.stack(rows).astype(np.float32, copy=False), self.spec.activation)
+        return EmbedResult(scores, [len(item.token_ids) for item in items])
+
+    async def _pair_items(self, request: PairsRequest) -> list[WorkItem]:
+        truncate = self.limits.truncate if request.truncate is None else request.truncate
+        side = "right" if truncate else None
+        firsts, seconds = (
+            sort_inputs(texts, param, self.limits, self.max_text_chars, side).texts or []
+            for param, texts in ((request.first_param, request.firsts), (request.param, request.seconds))
+        )
+        pairs = list(zip(firsts * len(seconds) if len(firsts) == 1 else firsts, seconds, strict=True))
+        limit = self.limits.context_length
+
+        def encode() -> list[tuple[list[int], int]]:
+            return self.tokenizer.encode_pairs(pairs, limit if truncate else None)
+
+        chars = sum(len(a) + len(b) for a, b in pairs)
+        encoded = encode() if chars <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)
+        first = next((i for i, (ids, _) in enumerate(encoded) if len(ids) > limit), None)
+        if first is not None:
+            raise ContextLengthExceededError(
+                f"{request.param}[{first}] makes a pair of {len(encoded[first][0])} tokens, more than "
+                f'this model\'s context length of {limit}; shorten it or send "truncate": true',
+                param=request.param,
+            )
+        return [WorkItem(ids, 0, segment) for ids, segment in encoded]
 
     async def tokenize(self, raw: object, add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids of a text or texts, whatever their length: counting them is the point."""
@@ -252,6 +313,13 @@ class InferenceService:
                 param=param,
             )
         return ids
+
+
+def activated(logits: np.ndarray, activation: str) -> np.ndarray:
+    """A cross-encoder's scores from its logits [N, labels]: one column per label, or the only
+    label's column as [N]."""
+    scores = 1 / (1 + np.exp(-logits)) if activation == "sigmoid" else logits
+    return np.ascontiguousarray(scores[:, 0] if scores.shape[1] == 1 else scores, dtype=np.float32)
 
 
 def _truncate_dimensions(embeddings: np.ndarray, dimensions: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ModelLoadError
-from toolkit.models.registry import family_of
+from toolkit.models.registry import family_of, is_classifier, num_labels
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,44 @@ class EmbeddingSpec:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     matryoshka_dimensions: tuple[int, ...] | None = None
+    # A cross-encoder ("rerank") scores text pairs: its labels' logits go through `activation`.
+    task: str = "embed"
+    labels: int = 0
+    activation: str = "identity"
+
+    @property
+    def is_cross_encoder(self) -> bool:
+        return self.task == "rerank"
+
+
+# sentence-transformers' CrossEncoder activations (saved as class paths) that we apply.
+_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity"}
+
+
+def _cross_encoder_fields(hf_cfg: dict[str, Any], st_cfg: dict[str, Any]) -> dict[str, Any]:
+    """A cross-encoder's spec fields (its first token, unnormalized, through its activation), or
+    none for an embedding model. The activation is sentence-transformers': the saved one, else
+    sigmoid for one label and none for several."""
+    if not is_classifier(hf_cfg):
+        return {}
+    labels = num_labels(hf_cfg)
+    legacy = _dict_or_empty(hf_cfg.get("sentence_transformers"))
+    saved = st_cfg.get("activation_fn") or legacy.get("activation_fn")
+    activation = "sigmoid" if labels == 1 else "identity"
+    if saved is not None:
+        name = str(saved).rsplit(".", 1)[-1]
+        if name not in _ACTIVATIONS:
+            raise ModelLoadError(
+                f"unsupported cross-encoder activation {saved!r}; known: {list(_ACTIVATIONS)}"
+            )
+        activation = _ACTIVATIONS[name]
+    return {
+        "pooling_modes": ("cls",),
+        "normalize": False,
+        "task": "rerank",
+        "labels": labels,
+        "activation": activation,
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any] | list[Any] | None:
@@ -75,16 +113,19 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
     if not bert_cfg:
         bert_cfg = _dict_or_empty(_read_json(model_dir / "sentence_bert_config.json"))
     hf_cfg = _dict_or_empty(_read_json(transformer_dir / "config.json"))
+    fields: dict[str, Any] = {
+        "pooling_modes": _pooling_modes(pooling_cfg, hf_cfg),
+        "normalize": "Normalize" in by_kind,
+    }
     return EmbeddingSpec(
         transformer_dir=transformer_dir,
-        pooling_modes=_pooling_modes(pooling_cfg, hf_cfg),
         include_prompt=bool(pooling_cfg.get("include_prompt", True)),
-        normalize="Normalize" in by_kind,
         max_seq_length=_max_seq_length(bert_cfg, hf_cfg, transformer_dir, model_dir),
         do_lower_case=bool(bert_cfg.get("do_lower_case", False)),
         prompts=dict(st_cfg.get("prompts") or {}),
         default_prompt_name=st_cfg.get("default_prompt_name"),
         matryoshka_dimensions=_matryoshka(hf_cfg, st_cfg),
+        **(fields | _cross_encoder_fields(hf_cfg, st_cfg)),
     )
 
 
@@ -115,18 +156,19 @@ def _default_pooling(hf_cfg: dict[str, Any]) -> tuple[str, ...]:
 
 def _spec_without_st_files(model_dir: Path) -> EmbeddingSpec:
     hf_cfg = _dict_or_empty(_read_json(model_dir / "config.json"))
-    modes = _default_pooling(hf_cfg)
-    logger.info(
-        "No sentence-transformers files in %s: using %s pooling and L2 normalization.",
-        model_dir,
-        modes[0],
-    )
+    cross_encoder = _cross_encoder_fields(hf_cfg, {})
+    fields: dict[str, Any] = cross_encoder or {"pooling_modes": _default_pooling(hf_cfg), "normalize": True}
+    if not cross_encoder:
+        logger.info(
+            "No sentence-transformers files in %s: using %s pooling and L2 normalization.",
+            model_dir,
+            fields["pooling_modes"][0],
+        )
     return EmbeddingSpec(
         transformer_dir=model_dir,
-        pooling_modes=modes,
-        normalize=True,
         max_seq_length=_max_seq_length({}, hf_cfg, model_dir),
         matryoshka_dimensions=_matryoshka(hf_cfg, {}),
+        **fields,
     )
 
 

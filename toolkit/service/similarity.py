@@ -1,6 +1,6 @@
-"""Scores of text pairs and rankings of documents on an embedding model: the cosine similarity of
-their embeddings, as vLLM serves a bi-encoder's /score and /rerank. One server can then retrieve
-and rerank.
+"""Scores of text pairs and rankings of documents: a cross-encoder's score of each pair, or on an
+embedding model the cosine similarity of their embeddings, as vLLM serves a bi-encoder's /score
+and /rerank (one server can then retrieve and rerank).
 
 A query takes the model's `query` prompt and a document its `document` (or `passage`) prompt
 where the model's sentence-transformers config names one, as its model card asks of users.
@@ -17,7 +17,7 @@ import numpy as np
 
 from toolkit.errors import InvalidRequestError
 from toolkit.scheduling.timing import RequestTiming
-from toolkit.service.inference import EmbedRequest, EmbedResult, InferenceService
+from toolkit.service.inference import EmbedRequest, EmbedResult, InferenceService, PairsRequest
 from toolkit.service.validation import text_list
 
 QUERY_PROMPTS = ("query",)
@@ -50,6 +50,10 @@ async def rank_documents(
 ) -> Scores:
     """Each document's score against the query; the documents as texts."""
     texts = text_list(documents, "documents", service.limits.max_inputs_per_request, objects=True)
+    if service.spec.is_cross_encoder:
+        pairs = PairsRequest([query], texts, "documents", truncation.truncate)
+        result = await service.classify(pairs, timing)
+        return Scores(result.embeddings, result.token_counts, texts)
     queries, docs = await _both(
         service.embed(_request([query], "query", QUERY_PROMPTS, service, truncation), timing),
         service.embed(_request(texts, "documents", DOCUMENT_PROMPTS, service, truncation), timing),
@@ -74,6 +78,10 @@ async def score_pairs(
             "many as text_2",
             param="text_1",
         )
+    if service.spec.is_cross_encoder:
+        pairs = PairsRequest(firsts, seconds, "text_2", truncation.truncate, first_param="text_1")
+        result = await service.classify(pairs, timing)
+        return Scores(result.embeddings, result.token_counts)
     left, right = await _both(
         service.embed(_request(firsts, "text_1", (), service, truncation), timing),
         service.embed(_request(seconds, "text_2", (), service, truncation), timing),

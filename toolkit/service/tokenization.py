@@ -63,6 +63,24 @@ class TextTokenizer:
             self._truncating[(side, max_length)] = tokenizer
         return [e.ids for e in self._encode_batch(tokenizer, texts)]
 
+    def encode_pairs(
+        self, pairs: list[tuple[str, str]], max_length: int | None
+    ) -> list[tuple[list[int], int]]:
+        """Each pair's token ids and where its second text starts (0 where the tokenizer gives
+        both texts type 0, as RoBERTa's does); cut to `max_length` longest text first, as
+        transformers' tokenizers cut pairs, or whole where `max_length` is None."""
+        tokenizer = self._plain
+        if max_length is not None:
+            tokenizer = self._truncating.get(("pair", max_length)) or self._pair_truncating(max_length)
+        encodings = tokenizer.encode_batch(pairs, add_special_tokens=True)
+        return [(e.ids, _second_segment_start(e.type_ids)) for e in encodings]
+
+    def _pair_truncating(self, max_length: int) -> Tokenizer:
+        tokenizer = Tokenizer.from_str(self._plain.to_str())
+        tokenizer.enable_truncation(max_length, strategy="longest_first")
+        self._truncating[("pair", max_length)] = tokenizer
+        return tokenizer
+
     @cached_property
     def max_token_chars(self) -> int:
         """Characters of the longest token in the vocabulary (at least 1)."""
@@ -98,6 +116,10 @@ class TextTokenizer:
         # encode_batch runs in Rust threads and releases the GIL.
         encodings: list[Encoding] = tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
         return encodings
+
+
+def _second_segment_start(type_ids: list[int]) -> int:
+    return next((index for index, kind in enumerate(type_ids) if kind), 0)
 
 
 @lru_cache(maxsize=64)

@@ -1,0 +1,124 @@
+"""Cross-encoders (rerankers) served on /v1/rerank and /v1/score, checked against
+sentence-transformers' `CrossEncoder.predict` on tiny random models of each family we run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.helpers.api_calls import assert_openai_error
+from tests.helpers.model_zoo import build_tiny_model
+from tests.helpers.servers import start_test_client
+
+QUERY = "How do I keep my houseplants alive in winter?"
+DOCUMENTS = [
+    "The stock market closed higher on Friday after a week of losses.",
+    "Water indoor plants less often in winter and keep them away from cold drafts.",
+    "A guide to repotting succulents in spring.",
+    "Le café était fermé, 東京は日本の首都です 🙂",
+    "ok",
+]
+LONG = "Houseplants need bright light during the short days of winter. " * 12
+
+
+@pytest.fixture(scope="module", params=["bert", "xlm-roberta"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from sentence_transformers import CrossEncoder
+
+    root = tmp_path_factory.mktemp(request.param)
+    model = CrossEncoder(str(build_tiny_model(request.param, root / "base")), num_labels=1, device="cpu")
+    model.save(str(root / "reranker"))
+    reference = CrossEncoder(str(root / "reranker"), device="cpu")
+    client = start_test_client(["--model-path", str(root / "reranker")])
+    yield client, reference
+    client.__exit__(None, None, None)
+
+
+def test_rerank_scores_match_cross_encoder_predict(served) -> None:
+    client, reference = served
+    answer = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS})
+    assert answer.status_code == 200, answer.text
+    expected = reference.predict([(QUERY, doc) for doc in DOCUMENTS])
+    results = answer.json()["results"]
+    got = np.zeros(len(DOCUMENTS), dtype=np.float32)
+    for result in results:
+        got[result["index"]] = result["relevance_score"]
+    assert np.abs(got - expected).max() <= 1e-5
+    assert [r["relevance_score"] for r in results] == sorted(got.tolist(), reverse=True)
+
+
+def test_a_pair_alone_scores_as_in_a_mixed_batch(served) -> None:
+    client, _ = served
+    alone = client.post("/v1/score", json={"text_1": QUERY, "text_2": [DOCUMENTS[1]]}).json()["data"]
+    mixed = client.post(
+        "/v1/score", json={"text_1": [QUERY, "a", QUERY], "text_2": [LONG[:60], "b", DOCUMENTS[1]]}
+    ).json()["data"]
+    assert abs(alone[0]["score"] - mixed[2]["score"]) <= 1e-6
+
+
+def test_score_pairs_match_cross_encoder_predict(served) -> None:
+    client, reference = served
+    firsts, seconds = DOCUMENTS[:3], DOCUMENTS[2:5]
+    data = client.post("/score", json={"text_1": firsts, "text_2": seconds}).json()["data"]
+    expected = reference.predict(list(zip(firsts, seconds, strict=True)))
+    assert np.abs(np.array([item["score"] for item in data]) - expected).max() <= 1e-5
+
+
+def test_an_over_long_pair_is_refused_or_cut_as_the_reference_cuts(served) -> None:
+    client, reference = served
+    refused = client.post("/v1/rerank", json={"query": QUERY, "documents": [LONG]})
+    assert assert_openai_error(refused, 400, "documents")["code"] == "context_length_exceeded"
+    answer = client.post("/v1/rerank", json={"query": QUERY, "documents": [LONG, "ok"], "truncate": True})
+    assert answer.status_code == 200, answer.text
+    got = {r["index"]: r["relevance_score"] for r in answer.json()["results"]}
+    expected = reference.predict([(QUERY, LONG), (QUERY, "ok")])
+    assert np.abs(np.array([got[0], got[1]]) - expected).max() <= 1e-5
+
+
+def test_a_cross_encoder_says_what_it_serves_and_refuses_to_embed(served) -> None:
+    client, _ = served
+    assert client.get("/v1/models").json()["data"][0]["task"] == "rerank"
+    assert client.get("/get_model_info").json()["task"] == "rerank"
+    refused = client.post("/v1/embeddings", json={"input": "hello"})
+    assert "cross-encoder" in assert_openai_error(refused, 400, "input")["message"]
+    assert client.post("/v2/embed", json={"texts": ["hello"]}).status_code == 400
+
+
+def test_wait_for_server_sees_a_cross_encoder_ready(served) -> None:
+    from contextlib import nullcontext
+
+    from toolkit.readiness import probe
+
+    client, _ = served
+
+    class Session:  # requests' interface over the in-process client
+        def get(self, url: str, **_: Any) -> Any:
+            return nullcontext(client.get(url.removeprefix("http://test")))
+
+        def post(self, url: str, json: Any, **_: Any) -> Any:
+            return nullcontext(client.post(url.removeprefix("http://test"), json=json))
+
+    assert probe(Session(), "http://test", None, has_key=False) is None  # type: ignore[arg-type]
+
+
+def test_model_dir_without_sentence_transformers_files_is_a_cross_encoder_too(tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    base = build_tiny_model("bert", tmp_path / "base")
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
+    classifier.save_pretrained(str(tmp_path / "plain"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "plain" / name).write_bytes((base / name).read_bytes())
+    from toolkit.service.model_spec import read_embedding_spec
+
+    spec = read_embedding_spec(tmp_path / "plain")
+    assert (spec.task, spec.activation, spec.pooling_modes, spec.normalize) == (
+        "rerank",
+        "sigmoid",
+        ("cls",),
+        False,
+    )
