@@ -211,7 +211,9 @@ def start_server(model_dir: Path, args: argparse.Namespace) -> tuple[subprocess.
     return process, url
 
 
-async def drive(url: str, payloads: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+async def drive(
+    url: str, payloads: list[dict[str, Any]], concurrency: int, path: str = "/v1/embeddings"
+) -> dict[str, Any]:
     import aiohttp
 
     latencies: list[float] = []
@@ -226,7 +228,7 @@ async def drive(url: str, payloads: list[dict[str, Any]], concurrency: int) -> d
         while not queue.empty():
             payload = queue.get_nowait()
             started = time.perf_counter()
-            async with session.post(f"{url}/v1/embeddings", json=payload) as response:
+            async with session.post(url + path, json=payload) as response:
                 await response.read()
                 if response.status != 200:
                     failures += 1
