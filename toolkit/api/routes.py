@@ -189,5 +189,9 @@ def _model_info(state: ServerState) -> dict[str, Any]:
             "normalize": service.spec.normalize,
             "prompts": service.spec.prompts,
             "matryoshka_dimensions": service.spec.matryoshka_dimensions,
+            "dense": [
+                {"in_features": d.in_features, "out_features": d.out_features, "activation": d.activation}
+                for d in service.spec.dense
+            ],
         }
     return info

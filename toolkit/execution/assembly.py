@@ -13,6 +13,7 @@ import time
 import torch
 
 from toolkit.execution.cpu_policy import default_workers
+from toolkit.execution.dense import load_dense
 from toolkit.execution.device import pick_device, pick_dtype
 from toolkit.execution.device_threads import CORES, DeviceThreads
 from toolkit.execution.kernel_builder import build_short_batch_kernels
@@ -71,7 +72,8 @@ def _load_on_device_thread(
     if _compile_wanted(args, device, model) and compile_blocks is not None:
         compile_blocks()
         compiled = True
-    runner = Runner(model, device, spec.pooling_modes, spec.normalize, device_threads)
+    dense = load_dense(spec.dense, device)
+    runner = Runner(model, device, spec.pooling_modes, spec.normalize, device_threads, dense)
     context_length = _context_length(args, spec, model.max_input_tokens)
     if args.warmup:
         _warm_up(runner, files.tokenizer, context_length, compiled)
@@ -82,7 +84,7 @@ def _load_on_device_thread(
     limits = args.request_limits(spec, context_length, _vocab_rows(model.module, files.tokenizer))
     batch_tokens = args.max_batch_tokens or (32768 if device.type == "cuda" else 8192)
     batcher = Batcher(runner, batch_tokens, args.max_queued_tokens, args.max_queued_inputs)
-    dim = model.hidden_size * len(spec.pooling_modes)
+    dim = spec.dense[-1].out_features if spec.dense else model.hidden_size * len(spec.pooling_modes)
     return InferenceService(batcher, files.tokenizer, spec, limits, dim), model.module
 
 

@@ -31,7 +31,21 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-_IGNORED_MODULES = ("Transformer", "Pooling", "Normalize")
+_IGNORED_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+# sentence-transformers' Dense activations (saved as class paths) that the server applies.
+DENSE_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid")
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """One sentence-transformers Dense module: a linear layer over the pooled vector, then its
+    activation (a name of DENSE_ACTIVATIONS); the weights are in `path`'s model.safetensors."""
+
+    path: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class EmbeddingSpec:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     matryoshka_dimensions: tuple[int, ...] | None = None
+    dense: tuple[DenseSpec, ...] = ()  # after pooling, in order
     # A cross-encoder ("rerank") scores text pairs: its labels' logits go through `activation`.
     task: str = "embed"
     labels: int = 0
@@ -125,8 +140,37 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
         prompts=dict(st_cfg.get("prompts") or {}),
         default_prompt_name=st_cfg.get("default_prompt_name"),
         matryoshka_dimensions=_matryoshka(hf_cfg, st_cfg),
+        dense=_dense_modules(model_dir, modules),
         **(fields | _cross_encoder_fields(hf_cfg, st_cfg)),
     )
+
+
+def _dense_modules(model_dir: Path, modules: list[Any]) -> tuple[DenseSpec, ...]:
+    """The Dense modules, in order; they must come after pooling and before normalization."""
+    kinds = [str(module.get("type", "")).rsplit(".", 1)[-1] for module in modules]
+    dense = [index for index, kind in enumerate(kinds) if kind == "Dense"]
+    if not dense:
+        return ()
+    pooling = kinds.index("Pooling") if "Pooling" in kinds else -1
+    normalize = kinds.index("Normalize") if "Normalize" in kinds else len(kinds)
+    if dense[0] < pooling or dense[-1] > normalize:
+        raise ModelLoadError(f"a Dense module outside pooling and normalization in {model_dir}: {kinds}")
+    return tuple(_dense(model_dir / str(modules[index].get("path", ""))) for index in dense)
+
+
+def _dense(path: Path) -> DenseSpec:
+    cfg = _dict_or_empty(_read_json(path / "config.json"))
+    activation = str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
+    if activation not in DENSE_ACTIVATIONS:
+        raise ModelLoadError(
+            f"unsupported Dense activation {activation!r} in {path}; known: {DENSE_ACTIVATIONS}"
+        )
+    try:
+        return DenseSpec(
+            path, int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg.get("bias", True)), activation
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'} does not describe a Dense module: {exc}") from None
 
 
 def _dict_or_empty(data: dict[str, Any] | list[Any] | None) -> dict[str, Any]:
