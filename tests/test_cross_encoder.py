@@ -122,3 +122,16 @@ def test_model_dir_without_sentence_transformers_files_is_a_cross_encoder_too(tm
         ("cls",),
         False,
     )
+
+
+def test_the_engine_reranks_and_scores_as_the_server(served, tmp_path: Path) -> None:
+    from toolkit import Engine
+
+    client, reference = served
+    model_path = client.state.model_path
+    with Engine(model_path, device="cpu", cpu_workers=1) as engine:
+        ranked = engine.rerank(QUERY, DOCUMENTS, top_n=3)
+        scores = engine.score(QUERY, DOCUMENTS)
+    expected = reference.predict([(QUERY, doc) for doc in DOCUMENTS])
+    assert np.abs(scores - expected).max() <= 1e-5
+    assert [r["index"] for r in ranked] == list(np.argsort(-expected)[:3])

@@ -173,3 +173,14 @@ def test_a_long_text_is_counted_beyond_the_context(server) -> None:
     text = "word " * 1000
     body = requests.post(server.url + "/tokenize", json={"prompt": text}, timeout=60).json()
     assert body["count"] == 1002 > body["max_model_len"]
+
+
+def test_the_engine_reranks_and_scores_by_cosine(reference) -> None:
+    from toolkit import Engine
+
+    expected = reference_cosine(reference, [QUERY], DOCUMENTS)
+    with Engine(device="cpu", cpu_workers=1) as engine:
+        ranked = engine.rerank(QUERY, DOCUMENTS, top_n=2)
+        scores = engine.score(QUERY, DOCUMENTS)
+    assert np.abs(scores - expected).max() <= 1e-5
+    assert [r["index"] for r in ranked] == list(np.argsort(-expected)[:2])

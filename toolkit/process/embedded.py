@@ -27,6 +27,7 @@ from toolkit.execution.assembly import load_service
 from toolkit.execution.memory import tune_process_memory
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import EmbedRequest, InferenceService
+from toolkit.service.similarity import Truncation, rank_documents, score_pairs
 
 T = TypeVar("T")
 
@@ -147,6 +148,34 @@ class Engine:
         chunks = iter(self.stream(inputs, **options))
         while (part := await asyncio.to_thread(next, chunks, None)) is not None:
             yield part
+
+    # --- ranking and scoring ---
+
+    def rerank(
+        self, query: str, documents: Sequence[str], *, top_n: int | None = None, truncate: bool | None = None
+    ) -> list[dict[str, Any]]:
+        """The documents best first, as `{"index", "relevance_score"}`: a cross-encoder's scores,
+        or an embedding model's cosine similarity (the server's /v1/rerank)."""
+        work = rank_documents(self.service, query, list(documents), Truncation(truncate))
+        scores = self._call(work).scores
+        order = np.argsort(-scores, kind="stable")[: top_n or len(scores)]
+        return [{"index": int(i), "relevance_score": float(scores[i])} for i in order]
+
+    def score(
+        self, text_1: str | Sequence[str], text_2: str | Sequence[str], *, truncate: bool | None = None
+    ) -> np.ndarray:
+        """One score per pair [N]: `text_1` against each of `text_2`, or pairwise (/v1/score)."""
+        first = text_1 if isinstance(text_1, str) else list(text_1)
+        second = text_2 if isinstance(text_2, str) else list(text_2)
+        return self._call(score_pairs(self.service, first, second, Truncation(truncate))).scores
+
+    async def arerank(self, query: str, documents: Sequence[str], **options: Any) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.rerank, query, documents, **options)
+
+    async def ascore(
+        self, text_1: str | Sequence[str], text_2: str | Sequence[str], **options: Any
+    ) -> np.ndarray:
+        return await asyncio.to_thread(self.score, text_1, text_2, **options)
 
     # --- lifecycle ---
 
