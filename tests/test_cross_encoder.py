@@ -135,3 +135,16 @@ def test_the_engine_reranks_and_scores_as_the_server(served, tmp_path: Path) -> 
     expected = reference.predict([(QUERY, doc) for doc in DOCUMENTS])
     assert np.abs(scores - expected).max() <= 1e-5
     assert [r["index"] for r in ranked] == list(np.argsort(-expected)[:3])
+
+
+def test_is_reranker_insists_on_a_cross_encoder_and_overrides_are_refused(served) -> None:
+    from toolkit.errors import ModelLoadError
+    from toolkit.service.model_files import read_model_files
+    from toolkit.service.model_source import bundled_model_dir
+
+    reranker = served[0].state.model_path
+    assert read_model_files(reranker, reranker=True).spec.is_cross_encoder
+    with pytest.raises(ModelLoadError, match="not a cross-encoder"):
+        read_model_files(str(bundled_model_dir()), reranker=True)
+    with pytest.raises(ModelLoadError, match="--pooling and --normalize do not apply"):
+        read_model_files(reranker, pooling="mean")

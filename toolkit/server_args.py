@@ -26,6 +26,7 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = 30000
     is_embedding: bool = True
+    is_reranker: bool = False
     dtype: str = "auto"
     device: str = "auto"
     context_length: int | None = None
@@ -94,7 +95,9 @@ class ServerArgs:
 
     def model_files(self) -> ModelFiles:
         """Find the model and read its spec and tokenizer, with this server's overrides."""
-        return read_model_files(self.model_path, self.tokenizer_path, self.pooling, self.normalize)
+        return read_model_files(
+            self.model_path, self.tokenizer_path, self.pooling, self.normalize, self.is_reranker
+        )
 
     def request_limits(self, spec: EmbeddingSpec, context_length: int, vocab_size: int) -> RequestLimits:
         """What the service enforces per request, for a model of `context_length` positions and

@@ -110,7 +110,13 @@ def _model_flags(add: _FlagAdder) -> None:
         "--is-embedding",
         action="store_true",
         default=True,
-        help="accepted for compatibility with SGLang: this server only serves embeddings",
+        help="accepted for compatibility with SGLang: the model's files say whether it embeds or reranks",
+    )
+    add(
+        "--is-reranker",
+        action="store_true",
+        default=False,
+        help="refuse to start unless the model is a cross-encoder (a *ForSequenceClassification config)",
     )
     add(
         "--dtype",

@@ -28,13 +28,25 @@ def read_model_files(
     tokenizer_path: str | None = None,
     pooling: str | None = None,
     normalize: bool | None = None,
+    reranker: bool = False,
 ) -> ModelFiles:
     """Resolve the model and read its configuration and tokenizer; `pooling` and `normalize`
-    override the model's own. Raises ModelLoadError."""
+    override an embedding model's own; `reranker` insists on a cross-encoder. Raises
+    ModelLoadError."""
     model_dir = resolve_model_dir(model_path)
     if not (model_dir / "config.json").is_file() and not (model_dir / "modules.json").is_file():
         raise ModelLoadError(f"{model_dir} holds neither config.json nor modules.json")
     spec = read_embedding_spec(model_dir)
+    if reranker and not spec.is_cross_encoder:
+        raise ModelLoadError(
+            f"--is-reranker: {model_dir} is not a cross-encoder (its config.json names no "
+            "*ForSequenceClassification architecture)"
+        )
+    if spec.is_cross_encoder and (pooling is not None or normalize is not None):
+        raise ModelLoadError(
+            f"{model_dir} is a cross-encoder: it reads its first token and is not normalized, so "
+            "--pooling and --normalize do not apply"
+        )
     if pooling is not None:
         spec = replace(spec, pooling_modes=(pooling,))
     if normalize is not None:
