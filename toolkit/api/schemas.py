@@ -98,7 +98,7 @@ class TokenizeRequest(BaseModel):
 
     prompt: SkipValidation[StrictStr | list[StrictStr]]
     model: StrictStr | None = None
-    add_special_tokens: StrictBool = True
+    add_special_tokens: StrictBool | None = None  # default: as the model tokenizes its inputs
 
 
 class DetokenizeRequest(BaseModel):

@@ -22,6 +22,7 @@ from toolkit.models.encoder import Encoder, EncoderConfig, encoder_state_dict
 from toolkit.models.hf_fallback import load_transformers_model
 from toolkit.models.registry import family_of, is_classifier, num_labels
 from toolkit.models.short_batch_linear import pack_linear_weights
+from toolkit.models.static import MAX_INPUT_TOKENS, is_static_checkpoint, load_static
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    if is_static_checkpoint(model_dir):
+        module = load_static(model_dir).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        dim = module.tok_embeddings.embedding_dim
+        return LoadedModel(module, module, dim, MAX_INPUT_TOKENS, implementation="native")
     hf = read_hf_config(model_dir)
     model_type = hf.get("model_type", "")
     if family_of(model_type) is not None:

@@ -205,7 +205,7 @@ class InferenceService:
             )
         return [WorkItem(ids, 0, segment) for ids, segment in encoded]
 
-    async def tokenize(self, raw: object, add_special_tokens: bool = True) -> list[list[int]]:
+    async def tokenize(self, raw: object, add_special_tokens: bool | None = None) -> list[list[int]]:
         """Token ids of a text or texts, whatever their length: counting them is the point."""
         texts = text_list(raw, "prompt", self.limits.max_inputs_per_request)
 
@@ -305,6 +305,9 @@ class InferenceService:
 
         # Rust tokenization releases the GIL: long texts run beside the event loop, not on it.
         ids = encode() if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)
+        empty = next((i for i, seq in enumerate(ids) if not seq), None)
+        if empty is not None:  # a model without special tokens, a text of none of its tokens
+            raise InvalidRequestError(f"{param}[{empty}] holds no token this model embeds", param=param)
         first = next((i for i, seq in enumerate(ids) if len(seq) > limit), None)
         if first is not None:
             raise ContextLengthExceededError(

@@ -52,4 +52,5 @@ def read_model_files(
     if normalize is not None:
         spec = replace(spec, normalize=normalize)
     tokenizer_dir = resolve_model_dir(tokenizer_path) if tokenizer_path else spec.transformer_dir
-    return ModelFiles(model_dir, tokenizer_dir, spec, TextTokenizer.from_dir(tokenizer_dir))
+    tokenizer = TextTokenizer.from_dir(tokenizer_dir, special_tokens=not spec.static)
+    return ModelFiles(model_dir, tokenizer_dir, spec, tokenizer)

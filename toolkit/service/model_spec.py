@@ -31,7 +31,7 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-_IGNORED_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+_IGNORED_MODULES = ("Transformer", "StaticEmbedding", "Pooling", "Dense", "Normalize")
 # sentence-transformers' Dense activations (saved as class paths) that the server applies.
 DENSE_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid")
 
@@ -60,6 +60,8 @@ class EmbeddingSpec:
     default_prompt_name: str | None = None
     matryoshka_dimensions: tuple[int, ...] | None = None
     dense: tuple[DenseSpec, ...] = ()  # after pooling, in order
+    # A StaticEmbedding model: the mean of per-token vectors, tokens without special tokens.
+    static: bool = False
     # A cross-encoder ("rerank") scores text pairs: its labels' logits go through `activation`.
     task: str = "embed"
     labels: int = 0
@@ -118,7 +120,10 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
     unknown = [kind for kind in by_kind if kind not in _IGNORED_MODULES]
     if unknown:
         raise ModelLoadError(f"unsupported sentence-transformers modules in {model_dir}: {unknown}")
-    transformer_dir = model_dir / by_kind.get("Transformer", {}).get("path", "")
+    static = "StaticEmbedding" in by_kind
+    transformer_dir = model_dir / by_kind.get("StaticEmbedding" if static else "Transformer", {}).get(
+        "path", ""
+    )
     pooling_cfg: dict[str, Any] = {}
     if "Pooling" in by_kind:
         loaded = _read_json(model_dir / by_kind["Pooling"].get("path", "1_Pooling") / "config.json")
@@ -135,12 +140,17 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
     return EmbeddingSpec(
         transformer_dir=transformer_dir,
         include_prompt=bool(pooling_cfg.get("include_prompt", True)),
-        max_seq_length=_max_seq_length(bert_cfg, hf_cfg, transformer_dir, model_dir),
+        max_seq_length=(
+            _static_max_length(transformer_dir)
+            if static
+            else _max_seq_length(bert_cfg, hf_cfg, transformer_dir, model_dir)
+        ),
         do_lower_case=bool(bert_cfg.get("do_lower_case", False)),
         prompts=dict(st_cfg.get("prompts") or {}),
         default_prompt_name=st_cfg.get("default_prompt_name"),
         matryoshka_dimensions=_matryoshka(hf_cfg, st_cfg),
         dense=_dense_modules(model_dir, modules),
+        static=static,
         **(fields | _cross_encoder_fields(hf_cfg, st_cfg)),
     )
 
@@ -214,6 +224,13 @@ def _spec_without_st_files(model_dir: Path) -> EmbeddingSpec:
         matryoshka_dimensions=_matryoshka(hf_cfg, {}),
         **fields,
     )
+
+
+def _static_max_length(directory: Path) -> int | None:
+    """StaticEmbedding cuts where its saved tokenizer.json truncates, if it does."""
+    truncation = _dict_or_empty(_read_json(directory / "tokenizer.json")).get("truncation")
+    length = truncation.get("max_length") if isinstance(truncation, dict) else None
+    return length if isinstance(length, int) and length > 0 else None
 
 
 # transformers' `model_max_length` when a tokenizer was saved without one (int(1e30)).

@@ -20,24 +20,27 @@ logger = logging.getLogger(__name__)
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    """`special_tokens=False` for models that take none (sentence-transformers' StaticEmbedding)."""
+
+    def __init__(self, tokenizer: Tokenizer, special_tokens: bool = True) -> None:
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self._plain = tokenizer
         self._truncating: dict[tuple[str, int], Tokenizer] = {}
+        self.special_tokens = special_tokens
 
     @classmethod
-    def from_dir(cls, directory: Path) -> TextTokenizer:
+    def from_dir(cls, directory: Path, special_tokens: bool = True) -> TextTokenizer:
         path = directory / "tokenizer.json"
         if path.is_file():
-            return cls(Tokenizer.from_file(str(path)))
+            return cls(Tokenizer.from_file(str(path)), special_tokens)
         # Only slow-tokenizer files: let transformers convert them to a fast tokenizer once.
         logger.info("No tokenizer.json in %s: converting with transformers.", directory)
         try:
             from transformers import AutoTokenizer  # only for such a model: it imports torch
 
             converted = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
-            return cls(Tokenizer.from_str(converted.backend_tokenizer.to_str()))
+            return cls(Tokenizer.from_str(converted.backend_tokenizer.to_str()), special_tokens)
         except Exception as exc:
             raise ModelLoadError(f"cannot load a tokenizer from {directory}: {exc}") from exc
 
@@ -46,9 +49,10 @@ class TextTokenizer:
         """Number of valid token ids (added tokens included)."""
         return int(self._plain.get_vocab_size(with_added_tokens=True))
 
-    def encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """Token ids, with special tokens unless told otherwise, no truncation."""
-        return [e.ids for e in self._encode_batch(self._plain, texts, add_special_tokens)]
+    def encode(self, texts: list[str], add_special_tokens: bool | None = None) -> list[list[int]]:
+        """Token ids, with the model's special tokens unless told otherwise, no truncation."""
+        special = self.special_tokens if add_special_tokens is None else add_special_tokens
+        return [e.ids for e in self._encode_batch(self._plain, texts, special)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """The text of token ids, special tokens written out unless skipped."""
@@ -61,7 +65,7 @@ class TextTokenizer:
             tokenizer = Tokenizer.from_str(self._plain.to_str())
             tokenizer.enable_truncation(max_length, direction=side)
             self._truncating[(side, max_length)] = tokenizer
-        return [e.ids for e in self._encode_batch(tokenizer, texts)]
+        return [e.ids for e in self._encode_batch(tokenizer, texts, self.special_tokens)]
 
     def encode_pairs(
         self, pairs: list[tuple[str, str]], max_length: int | None
@@ -99,7 +103,7 @@ class TextTokenizer:
 
     def frames(self, ids: Sequence[int]) -> bool:
         """Whether `ids` start and end with this tokenizer's special tokens, as its own output does."""
-        prefix, suffix = self.framing
+        prefix, suffix = self.framing if self.special_tokens else ((), ())
         if len(ids) < len(prefix) + len(suffix):
             return False
         return tuple(ids[: len(prefix)]) == prefix and (not suffix or tuple(ids[-len(suffix) :]) == suffix)
