@@ -79,6 +79,12 @@ def test_an_over_long_pair_is_refused_or_cut_as_the_reference_cuts(served) -> No
     assert np.abs(np.array([got[0], got[1]]) - expected).max() <= 1e-5
 
 
+def test_an_over_long_query_is_named_in_the_refusal(served) -> None:
+    client, _ = served
+    refused = client.post("/v1/rerank", json={"query": LONG, "documents": ["ok"]})
+    assert "query and documents[0]" in assert_openai_error(refused, 400, "documents")["message"]
+
+
 def test_a_cross_encoder_says_what_it_serves_and_refuses_to_embed(served) -> None:
     client, _ = served
     assert client.get("/v1/models").json()["data"][0]["task"] == "rerank"
@@ -106,16 +112,9 @@ def test_wait_for_server_sees_a_cross_encoder_ready(served) -> None:
 
 
 def test_model_dir_without_sentence_transformers_files_is_a_cross_encoder_too(tmp_path: Path) -> None:
-    from transformers import AutoModelForSequenceClassification
-
-    base = build_tiny_model("bert", tmp_path / "base")
-    classifier = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
-    classifier.save_pretrained(str(tmp_path / "plain"))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / "plain" / name).write_bytes((base / name).read_bytes())
     from toolkit.service.model_spec import read_embedding_spec
 
-    spec = read_embedding_spec(tmp_path / "plain")
+    spec = read_embedding_spec(classifier_dir("bert", tmp_path))
     assert (spec.task, spec.activation, spec.pooling_modes, spec.normalize) == (
         "rerank",
         "sigmoid",
@@ -131,6 +130,7 @@ def test_the_engine_reranks_and_scores_as_the_server(served, tmp_path: Path) -> 
     model_path = client.state.model_path
     with Engine(model_path, device="cpu", cpu_workers=1) as engine:
         ranked = engine.rerank(QUERY, DOCUMENTS, top_n=3)
+        assert len(engine.rerank(QUERY, DOCUMENTS[1])) == 1  # one document, not its characters
         scores = engine.score(QUERY, DOCUMENTS)
     expected = reference.predict([(QUERY, doc) for doc in DOCUMENTS])
     assert np.abs(scores - expected).max() <= 1e-5
@@ -148,3 +148,40 @@ def test_is_reranker_insists_on_a_cross_encoder_and_overrides_are_refused(served
         read_model_files(str(bundled_model_dir()), reranker=True)
     with pytest.raises(ModelLoadError, match="--pooling and --normalize do not apply"):
         read_model_files(reranker, pooling="mean")
+
+
+def classifier_dir(family: str, dest: Path, labels: int = 1) -> Path:
+    from transformers import AutoModelForSequenceClassification
+
+    base = build_tiny_model(family, dest / "base")
+    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=labels)
+    model.save_pretrained(str(dest / "plain"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (dest / "plain" / name).write_bytes((base / name).read_bytes())
+    return dest / "plain"
+
+
+@pytest.mark.parametrize(
+    ("family", "labels", "message"),
+    [("qwen2", 1, "not served yet"), ("bert", 3, "has 3 labels")],
+)
+def test_cross_encoders_we_cannot_score_are_refused_at_start(
+    family: str, labels: int, message: str, tmp_path: Path
+) -> None:
+    from toolkit.errors import ModelLoadError
+    from toolkit.service.model_spec import read_embedding_spec
+
+    with pytest.raises(ModelLoadError, match=message):
+        read_embedding_spec(classifier_dir(family, tmp_path, labels))
+
+
+def test_a_bi_encoder_on_a_classifier_checkpoint_still_embeds(tmp_path: Path) -> None:
+    import json
+
+    from toolkit.service.model_spec import read_embedding_spec
+
+    model_dir = build_tiny_model("bert", tmp_path / "bi")  # sentence-transformers files, Pooling
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["BertForSequenceClassification"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert read_embedding_spec(model_dir).task == "embed"

@@ -225,6 +225,12 @@ CATALOGUE: dict[str, Bad] = {
     "v2-embed-types-empty": Bad(
         400, path="/v2/embed", json={"texts": ["a"], "embedding_types": []}, param="embedding_types"
     ),
+    "v2-embed-types-too-many": Bad(
+        400, path="/v2/embed", json={"texts": ["a"], "embedding_types": ["int8"] * 7}, param="embedding_types"
+    ),
+    "v2-embed-types-not-a-list": Bad(
+        400, path="/v2/embed", json={"texts": ["a"], "embedding_types": "int8"}, param="embedding_types"
+    ),
     "v2-embed-input-type-unknown": Bad(
         400, path="/v2/embed", json={"texts": ["a"], "input_type": "search"}, param="input_type"
     ),

@@ -149,6 +149,12 @@ def test_openai_route_returns_a_compact_type_on_request(server) -> None:
     assert len(data[0]["embedding"]) == 384 // 8
 
 
+def test_cohere_route_advises_its_own_truncation_field(server) -> None:
+    body = {"texts": ["word " * 400], "truncate": "NONE"}
+    answer = requests.post(server.url + "/v2/embed", json=body, timeout=60)
+    assert answer.status_code == 400 and '"truncate": "END"' in answer.json()["error"]["message"]
+
+
 def test_tokenize_and_detokenize_match_the_models_tokenizer(server) -> None:
     from transformers import AutoTokenizer
 

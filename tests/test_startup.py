@@ -254,10 +254,14 @@ def test_compile_is_on_by_default_only_on_cuda_and_for_encoders_only_with_graphs
     decoder = SimpleNamespace(compile_pays_off=True, compile_needs_graphs=False)
     fallback = SimpleNamespace(compile_pays_off=False, compile_needs_graphs=False)
     graphs, no_graphs = ServerArgs(), ServerArgs(cuda_graphs=False)
-    assert _compile_wanted(graphs, cuda, encoder)  # type: ignore[arg-type]
-    assert not _compile_wanted(no_graphs, cuda, encoder)  # type: ignore[arg-type]
-    assert _compile_wanted(no_graphs, cuda, decoder)  # type: ignore[arg-type]
-    assert not _compile_wanted(graphs, cuda, fallback)  # type: ignore[arg-type]
-    assert not _compile_wanted(graphs, cpu, decoder)  # type: ignore[arg-type]
-    assert _compile_wanted(ServerArgs(compile=True, cuda_graphs=False), cpu, encoder)  # type: ignore[arg-type]
-    assert not _compile_wanted(ServerArgs(compile=False), cuda, decoder)  # type: ignore[arg-type]
+    embeds, reranks = SimpleNamespace(is_cross_encoder=False), SimpleNamespace(is_cross_encoder=True)
+    assert _compile_wanted(graphs, cuda, encoder, embeds)  # type: ignore[arg-type]
+    assert not _compile_wanted(no_graphs, cuda, encoder, embeds)  # type: ignore[arg-type]
+    assert _compile_wanted(no_graphs, cuda, decoder, embeds)  # type: ignore[arg-type]
+    assert not _compile_wanted(graphs, cuda, fallback, embeds)  # type: ignore[arg-type]
+    assert not _compile_wanted(graphs, cpu, decoder, embeds)  # type: ignore[arg-type]
+    assert _compile_wanted(ServerArgs(compile=True, cuda_graphs=False), cpu, encoder, embeds)  # type: ignore[arg-type]
+    assert not _compile_wanted(ServerArgs(compile=False), cuda, decoder, embeds)  # type: ignore[arg-type]
+    # A cross-encoder runs without graphs, so an encoder's compile does not pay off either.
+    assert not _compile_wanted(graphs, cuda, encoder, reranks)  # type: ignore[arg-type]
+    assert _compile_wanted(ServerArgs(compile=True), cuda, encoder, reranks)  # type: ignore[arg-type]

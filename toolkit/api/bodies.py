@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from toolkit.api.observability import new_id
 from toolkit.api.prescan import PRESCAN_BYTES, prescan
 from toolkit.api.schemas import CohereEmbedRequest, EmbeddingRequest, EncodeRequest
-from toolkit.errors import InvalidRequestError
+from toolkit.errors import InvalidRequestError, echoed
 from toolkit.service.compact import compact
 from toolkit.service.inference import EmbedRequest, EmbedResult
 from toolkit.service.similarity import Scores
@@ -91,6 +91,29 @@ INPUT_TYPE_PROMPTS = {
 }
 # Cohere's truncate: which end is cut (None: refused when too long). Cohere's default is END.
 COHERE_TRUNCATE = {"NONE": None, "START": "left", "END": "right"}
+
+
+EMBEDDING_TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")
+_TYPES = ", ".join(EMBEDDING_TYPES)
+
+
+def embedding_types(raw: object) -> list[str]:
+    """/v2/embed's `embedding_types`, each once, in order; `float` when absent. Counted before
+    any entry is looked at: each entry costs a pass over the embeddings."""
+    if raw is None:
+        return ["float"]
+    if not isinstance(raw, list) or not raw or len(raw) > len(EMBEDDING_TYPES):
+        raise InvalidRequestError(
+            f"'embedding_types' must be a list of 1 to {len(EMBEDDING_TYPES)} of {_TYPES}",
+            param="embedding_types",
+        )
+    unknown = next((kind for kind in raw if kind not in EMBEDDING_TYPES), None)
+    if unknown is not None:
+        raise InvalidRequestError(
+            f"unknown embedding type {echoed(repr(unknown))}; this server returns {_TYPES}",
+            param="embedding_types",
+        )
+    return list(dict.fromkeys(raw))
 
 
 def cohere_embed_request(body: CohereEmbedRequest, prompts: dict[str, str]) -> EmbedRequest:

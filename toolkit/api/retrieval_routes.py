@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from toolkit.api.bodies import (
     cohere_embed_answer,
     cohere_embed_request,
+    embedding_types,
     json_body,
     parse_body,
     rerank_answer,
@@ -19,6 +20,7 @@ from toolkit.api.responses import JSONResponse
 from toolkit.api.routes import check_model, limits_of, run_service
 from toolkit.api.schemas import CohereEmbedRequest, RerankRequest, ScoreRequest
 from toolkit.api.state import ServerState
+from toolkit.errors import ContextLengthExceededError
 from toolkit.service.similarity import Truncation, rank_documents, score_pairs
 
 RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
@@ -55,11 +57,18 @@ def add_retrieval_routes(app: FastAPI, state: ServerState, authorized: list[Depe
 
     async def cohere_embed(request: Request) -> Response:
         body = await parse_body(request, CohereEmbedRequest, limits_of(state), ("texts",))
+        kinds = embedding_types(body.embedding_types)
         with state.admission.admit(request.client):
             check_model(state, body.model)
             embed = cohere_embed_request(body, state.ready_service().spec.prompts)
-            result = await run_service(state, request, lambda service, timing: service.embed(embed, timing))
-        return JSONResponse(cohere_embed_answer(body.texts, result, body.embedding_types or ["float"]))
+            try:
+                result = await run_service(
+                    state, request, lambda service, timing: service.embed(embed, timing)
+                )
+            except ContextLengthExceededError as exc:  # Cohere's truncation field takes a side
+                message = exc.message.replace('"truncate": true', '"truncate": "END"')
+                raise ContextLengthExceededError(message, param=exc.param) from None
+        return JSONResponse(cohere_embed_answer(body.texts, result, kinds))
 
     for path in RERANK_PATHS:
         app.add_api_route(

@@ -84,7 +84,8 @@ class CohereEmbedRequest(BaseModel):
     texts: SkipValidation[list[StrictStr]]
     model: StrictStr | None = None
     input_type: Literal["search_query", "search_document", "classification", "clustering"] | None = None
-    embedding_types: list[CompactType | Literal["base64"]] | None = Field(default=None, min_length=1)
+    # Checked by count first (toolkit.api.bodies.embedding_types), not item by item here.
+    embedding_types: SkipValidation[list[CompactType | Literal["base64"]] | None] = None
     output_dimension: StrictInt | None = None
     truncate: Literal["NONE", "START", "END"] | None = None
     images: None = None

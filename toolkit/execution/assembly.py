@@ -57,7 +57,7 @@ def _load_on_device_thread(
 ) -> tuple[InferenceService, torch.nn.Module]:
     dtype = pick_dtype(args.dtype, device)
     started = time.perf_counter()
-    model = load_model(files.spec.transformer_dir, device, dtype)
+    model = load_model(files.spec.transformer_dir, device, dtype, files.spec.is_cross_encoder)
     logger.info(
         "Loaded the weights in %.2f s: %s (%s) in %s on %s.",
         time.perf_counter() - started,
@@ -69,7 +69,7 @@ def _load_on_device_thread(
     spec = files.spec
     compile_blocks = getattr(model.module, "compile_blocks", None)
     compiled = False
-    if _compile_wanted(args, device, model) and compile_blocks is not None:
+    if _compile_wanted(args, device, model, spec) and compile_blocks is not None:
         compile_blocks()
         compiled = True
     dense = load_dense(spec.dense, device)
@@ -78,7 +78,8 @@ def _load_on_device_thread(
     if args.warmup:
         _warm_up(runner, files.tokenizer, context_length, compiled)
         runner.stats = RunnerStats()  # count serving only
-    if device.type == "cuda" and args.cuda_graphs:
+    # BERT pairs carry token types, which the graphs do not hold: a cross-encoder runs eagerly.
+    if device.type == "cuda" and args.cuda_graphs and not spec.is_cross_encoder:
         sample = (files.tokenizer.encode(["warm up"])[0] * 256)[:256]
         runner.capture_graphs(sample, context_length)
     limits = args.request_limits(spec, context_length, _vocab_rows(model.module, files.tokenizer))
@@ -88,14 +89,15 @@ def _load_on_device_thread(
     return InferenceService(batcher, files.tokenizer, spec, limits, dim), model.module
 
 
-def _compile_wanted(args: ServerArgs, device: torch.device, model: LoadedModel) -> bool:
+def _compile_wanted(args: ServerArgs, device: torch.device, model: LoadedModel, spec: EmbeddingSpec) -> bool:
     """--compile / --no-compile when given; else on CUDA where the model gains from it (for an
     encoder, only together with CUDA graphs)."""
     if args.compile is not None:
         return args.compile
     if device.type != "cuda" or not model.compile_pays_off:
         return False
-    return args.cuda_graphs or not model.compile_needs_graphs
+    graphs = args.cuda_graphs and not spec.is_cross_encoder
+    return graphs or not model.compile_needs_graphs
 
 
 def _warm_up(runner: Runner, tokenizer: TextTokenizer, context_length: int, compiled: bool) -> None:

@@ -20,7 +20,7 @@ from toolkit.models.classifier import PairClassifier, head_state_dict
 from toolkit.models.decoder import Decoder, DecoderConfig, decoder_state_dict
 from toolkit.models.encoder import Encoder, EncoderConfig, encoder_state_dict
 from toolkit.models.hf_fallback import load_transformers_model
-from toolkit.models.registry import family_of, is_classifier, num_labels
+from toolkit.models.registry import family_of, num_labels
 from toolkit.models.short_batch_linear import pack_linear_weights
 from toolkit.models.static import MAX_INPUT_TOKENS, is_static_checkpoint, load_static
 
@@ -37,7 +37,10 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(
+    model_dir: Path, device: torch.device, dtype: torch.dtype, classifier: bool = False
+) -> LoadedModel:
+    """`classifier`: a cross-encoder, read through its classification head (the spec decides)."""
     if is_static_checkpoint(model_dir):
         module = load_static(model_dir).to(device=device, dtype=dtype).eval().requires_grad_(False)
         dim = module.tok_embeddings.embedding_dim
@@ -45,7 +48,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Loa
     hf = read_hf_config(model_dir)
     model_type = hf.get("model_type", "")
     if family_of(model_type) is not None:
-        return _load_native(model_dir, hf, device, dtype)
+        return _load_native(model_dir, hf, device, dtype, classifier)
     logger.warning(
         "No packed implementation for model_type=%r: falling back to transformers.AutoModel "
         "with padded batches.",
@@ -55,7 +58,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Loa
 
 
 def _load_native(
-    model_dir: Path, hf: dict[str, Any], device: torch.device, dtype: torch.dtype
+    model_dir: Path, hf: dict[str, Any], device: torch.device, dtype: torch.dtype, classifier: bool
 ) -> LoadedModel:
     module: Encoder | Decoder | PairClassifier
     encoder = family_of(hf["model_type"]) == "encoder"
@@ -67,7 +70,7 @@ def _load_native(
             module = Encoder(enc_cfg)
         state = encoder_state_dict(weights, enc_cfg)
         dim, max_tokens = enc_cfg.dim, enc_cfg.max_input_tokens
-        if is_classifier(hf):
+        if classifier:
             labels = num_labels(hf)
             with torch.device("meta"):
                 module = PairClassifier(module, labels)

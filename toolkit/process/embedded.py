@@ -156,7 +156,8 @@ class Engine:
     ) -> list[dict[str, Any]]:
         """The documents best first, as `{"index", "relevance_score"}`: a cross-encoder's scores,
         or an embedding model's cosine similarity (the server's /v1/rerank)."""
-        work = rank_documents(self.service, query, list(documents), Truncation(truncate))
+        texts = [documents] if isinstance(documents, str) else list(documents)
+        work = rank_documents(self.service, query, texts, Truncation(truncate))
         scores = self._call(work).scores
         order = np.argsort(-scores, kind="stable")[: top_n or len(scores)]
         return [{"index": int(i), "relevance_score": float(scores[i])} for i in order]

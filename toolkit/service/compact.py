@@ -12,20 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolkit.errors import InvalidRequestError
-
-COMPACT_TYPES = ("float", "int8", "uint8", "binary", "ubinary")
-
-
-def check_compact_type(kind: str, param: str) -> None:
-    if kind not in COMPACT_TYPES:
-        raise InvalidRequestError(
-            f"unknown embedding type {kind!r}; this server returns {', '.join(COMPACT_TYPES)}", param=param
-        )
-
 
 def compact(embeddings: np.ndarray, kind: str) -> np.ndarray:
-    """`embeddings` [N, D] float32 in the form `kind` names (one of COMPACT_TYPES)."""
+    """`embeddings` [N, D] float32 in the form `kind` names (float, int8, uint8, binary or ubinary)."""
     if kind == "float":
         return embeddings
     if kind in ("binary", "ubinary"):

@@ -199,8 +199,9 @@ class InferenceService:
         first = next((i for i, (ids, _) in enumerate(encoded) if len(ids) > limit), None)
         if first is not None:
             raise ContextLengthExceededError(
-                f"{request.param}[{first}] makes a pair of {len(encoded[first][0])} tokens, more than "
-                f'this model\'s context length of {limit}; shorten it or send "truncate": true',
+                f"{request.first_param} and {request.param}[{first}] make a pair of "
+                f"{len(encoded[first][0])} tokens, more than this model's context length of {limit}; "
+                'shorten them or send "truncate": true',
                 param=request.param,
             )
         return [WorkItem(ids, 0, segment) for ids, segment in encoded]

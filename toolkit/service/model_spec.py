@@ -78,11 +78,19 @@ _ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity"}
 
 def _cross_encoder_fields(hf_cfg: dict[str, Any], st_cfg: dict[str, Any]) -> dict[str, Any]:
     """A cross-encoder's spec fields (its first token, unnormalized, through its activation), or
-    none for an embedding model. The activation is sentence-transformers': the saved one, else
-    sigmoid for one label and none for several."""
-    if not is_classifier(hf_cfg):
+    none for an embedding model (a sentence-transformers bi-encoder may sit on a classifier's
+    checkpoint). The activation is sentence-transformers': the saved one, else sigmoid."""
+    if not is_classifier(hf_cfg) or st_cfg.get("model_type", "CrossEncoder") != "CrossEncoder":
         return {}
+    model_type = hf_cfg.get("model_type")
+    if family_of(model_type) != "encoder":
+        raise ModelLoadError(
+            f"cross-encoders of model_type {model_type!r} are not served yet; BERT, RoBERTa, "
+            "XLM-RoBERTa and MPNet ones are"
+        )
     labels = num_labels(hf_cfg)
+    if labels != 1:
+        raise ModelLoadError(f"this cross-encoder has {labels} labels; ranking and scoring need one")
     legacy = _dict_or_empty(hf_cfg.get("sentence_transformers"))
     saved = st_cfg.get("activation_fn") or legacy.get("activation_fn")
     activation = "sigmoid" if labels == 1 else "identity"
@@ -151,7 +159,7 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
         matryoshka_dimensions=_matryoshka(hf_cfg, st_cfg),
         dense=_dense_modules(model_dir, modules),
         static=static,
-        **(fields | _cross_encoder_fields(hf_cfg, st_cfg)),
+        **(fields | ({} if "Pooling" in by_kind else _cross_encoder_fields(hf_cfg, st_cfg))),
     )
 
 
