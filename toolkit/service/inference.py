@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,37 +147,16 @@ class InferenceService:
         check_dimensions(
             request.dimensions, self.embedding_dim, self.spec.matryoshka_dimensions, request.dimensions_param
         )
-        timeout = self.limits.request_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                items = await self._work_items(request)
-                check_total_tokens(items, self.limits.max_tokens_per_request, request.param)
-                rows = await self._rows(items, timing)
-        except TimeoutError:
-            raise RequestTimeoutError(
-                f"no answer within the server's request timeout of {timeout:g} s; the work was withdrawn"
-            ) from None
+        items, rows = await self._run(self._work_items(request), request.param, timing)
         embeddings = np.stack(rows).astype(np.float32, copy=False)
         if request.dimensions is not None and request.dimensions < embeddings.shape[1]:
             embeddings = _truncate_dimensions(embeddings, request.dimensions)
         return EmbedResult(embeddings, [len(item.token_ids) for item in items])
 
     async def classify(self, request: PairsRequest, timing: RequestTiming | None = None) -> EmbedResult:
-        """A cross-encoder's score of each pair: its logits through the model's activation."""
-        if self.spec.labels != 1:
-            raise InvalidRequestError(
-                f"this cross-encoder has {self.spec.labels} labels; ranking and scoring take one"
-            )
-        timeout = self.limits.request_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                items = await self._pair_items(request)
-                check_total_tokens(items, self.limits.max_tokens_per_request, request.param)
-                rows = await self._rows(items, timing)
-        except TimeoutError:
-            raise RequestTimeoutError(
-                f"no answer within the server's request timeout of {timeout:g} s; the work was withdrawn"
-            ) from None
+        """A cross-encoder's score of each pair: its logits through the model's activation (the
+        spec admits single-label cross-encoders only)."""
+        items, rows = await self._run(self._pair_items(request), request.param, timing)
         scores = activated(np.stack(rows).astype(np.float32, copy=False), self.spec.activation)
         return EmbedResult(scores, [len(item.token_ids) for item in items])
 
@@ -226,6 +205,22 @@ class InferenceService:
         if len(ids) <= INLINE_TOKENIZE_CHARS:
             return self.tokenizer.decode(ids, skip_special_tokens)
         return await asyncio.to_thread(self.tokenizer.decode, ids, skip_special_tokens)
+
+    async def _run(
+        self, prepared: Awaitable[list[WorkItem]], param: str, timing: RequestTiming | None
+    ) -> tuple[list[WorkItem], list[np.ndarray]]:
+        """Prepare a request's work items, check its token total and run them, all within the
+        request timeout."""
+        timeout = self.limits.request_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                items = await prepared
+                check_total_tokens(items, self.limits.max_tokens_per_request, param)
+                return items, await self._rows(items, timing)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"no answer within the server's request timeout of {timeout:g} s; the work was withdrawn"
+            ) from None
 
     async def _rows(self, items: list[WorkItem], timing: RequestTiming | None) -> list[np.ndarray]:
         future = self.queue.submit(items, timing)
