@@ -1,4 +1,5 @@
-"""sentence-transformers Dense modules after pooling (EmbeddingGemma, stella, LaBSE carry them):
+"""sentence-transformers Dense and LayerNorm modules after pooling (EmbeddingGemma, stella, LaBSE
+carry Dense ones):
 served over HTTP and compared with SentenceTransformer.encode on tiny random models."""
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ TEXTS = ["hello", "The quick brown fox jumps over the lazy dog.", "Le café 東�
 
 
 def with_dense(family: str, dest: Path) -> Path:
-    """A tiny model with two Dense modules (tanh with bias, identity without) before Normalize."""
+    """A tiny model with two Dense modules (tanh with bias, identity without) around a LayerNorm,
+    before Normalize."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Dense
+    from sentence_transformers.sentence_transformer.modules import Dense, LayerNorm
 
     model = SentenceTransformer(str(build_tiny_model(family, dest / "base")), device="cpu")
     torch.manual_seed(1)
@@ -26,7 +28,12 @@ def with_dense(family: str, dest: Path) -> Path:
     *body, normalize = list(model)
     first = Dense(dim, 24, activation_function=torch.nn.Tanh())
     second = Dense(24, 16, bias=False, activation_function=torch.nn.Identity())
-    SentenceTransformer(modules=[*body, first, second, normalize], device="cpu").save(str(dest / "dense"))
+    norm = LayerNorm(24)
+    with torch.no_grad():  # not the identity it starts as
+        norm.norm.weight.uniform_(0.5, 1.5)
+        norm.norm.bias.uniform_(-0.2, 0.2)
+    modules = [*body, first, norm, second, normalize]
+    SentenceTransformer(modules=modules, device="cpu").save(str(dest / "dense"))
     return dest / "dense"
 
 
@@ -44,7 +51,8 @@ def test_dense_modules_are_applied_as_sentence_transformers_applies_them(family:
     finally:
         client.__exit__(None, None, None)
     assert info["embedding_dim"] == 16
-    assert [d["activation"] for d in info["dense"]] == ["Tanh", "Identity"]
+    assert [m["module"] for m in info["after_pooling"]] == ["Dense", "LayerNorm", "Dense"]
+    assert [m.get("activation") for m in info["after_pooling"]] == ["Tanh", None, "Identity"]
     served = np.array([item["embedding"] for item in answer.json()["data"]], dtype=np.float32)
     assert_embeddings_close(torch.from_numpy(served), expected)
     single = np.array(alone.json()["data"][0]["embedding"], dtype=np.float32)

@@ -189,9 +189,10 @@ def _model_info(state: ServerState) -> dict[str, Any]:
             "normalize": service.spec.normalize,
             "prompts": service.spec.prompts,
             "matryoshka_dimensions": service.spec.matryoshka_dimensions,
-            "dense": [
-                {"in_features": d.in_features, "out_features": d.out_features, "activation": d.activation}
-                for d in service.spec.dense
+            "after_pooling": [
+                {"module": m.kind, "in_features": m.in_features, "out_features": m.out_features}
+                | ({"activation": m.activation} if m.kind == "Dense" else {})
+                for m in service.spec.vector_modules
             ],
         }
     return info

@@ -13,7 +13,7 @@ import time
 import torch
 
 from toolkit.execution.cpu_policy import default_workers
-from toolkit.execution.dense import load_dense
+from toolkit.execution.dense import load_vector_modules
 from toolkit.execution.device import pick_device, pick_dtype
 from toolkit.execution.device_threads import CORES, DeviceThreads
 from toolkit.execution.kernel_builder import build_short_batch_kernels
@@ -72,8 +72,8 @@ def _load_on_device_thread(
     if _compile_wanted(args, device, model, spec) and compile_blocks is not None:
         compile_blocks()
         compiled = True
-    dense = load_dense(spec.dense, device)
-    runner = Runner(model, device, spec.pooling_modes, spec.normalize, device_threads, dense)
+    vector_modules = load_vector_modules(spec.vector_modules, device)
+    runner = Runner(model, device, spec.pooling_modes, spec.normalize, device_threads, vector_modules)
     context_length = _context_length(args, spec, model.max_input_tokens)
     if args.warmup:
         _warm_up(runner, files.tokenizer, context_length, compiled)
@@ -85,7 +85,8 @@ def _load_on_device_thread(
     limits = args.request_limits(spec, context_length, _vocab_rows(model.module, files.tokenizer))
     batch_tokens = args.max_batch_tokens or (32768 if device.type == "cuda" else 8192)
     batcher = Batcher(runner, batch_tokens, args.max_queued_tokens, args.max_queued_inputs)
-    dim = spec.dense[-1].out_features if spec.dense else model.hidden_size * len(spec.pooling_modes)
+    dim = model.hidden_size * len(spec.pooling_modes)
+    dim = spec.vector_modules[-1].out_features if spec.vector_modules else dim
     return InferenceService(batcher, files.tokenizer, spec, limits, dim), model.module
 
 

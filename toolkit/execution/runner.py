@@ -115,10 +115,10 @@ class Runner:
         pooling_modes: Sequence[str],
         normalize_output: bool,
         device_threads: DeviceThreads | None = None,
-        dense: torch.nn.Module | None = None,
+        vector_modules: torch.nn.Module | None = None,
     ) -> None:
         self.model = model
-        self.dense = dense  # sentence-transformers' Dense modules after pooling
+        self.vector_modules = vector_modules  # sentence-transformers' Dense, LayerNorm after pooling
         self.device = device
         self.pooling_modes = tuple(pooling_modes)
         self.normalize_output = normalize_output
@@ -249,8 +249,8 @@ class Runner:
             embeddings = self.model.forward(batch, rows).float()
         else:
             embeddings = pool(self.model.forward(batch, None), batch, self.pooling_modes)
-        if self.dense is not None:
-            embeddings = self.dense(embeddings.float())
+        if self.vector_modules is not None:
+            embeddings = self.vector_modules(embeddings.float())
         return normalize(embeddings) if self.normalize_output else embeddings
 
     def capture_graphs(self, sample_ids: list[int], max_tokens: int) -> None:

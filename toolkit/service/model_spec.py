@@ -31,21 +31,24 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-_IGNORED_MODULES = ("Transformer", "StaticEmbedding", "Pooling", "Dense", "Normalize")
+_IGNORED_MODULES = ("Transformer", "StaticEmbedding", "Pooling", "Dense", "LayerNorm", "Normalize")
+VECTOR_MODULES = ("Dense", "LayerNorm")
 # sentence-transformers' Dense activations (saved as class paths) that the server applies.
 DENSE_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid")
 
 
 @dataclass(frozen=True)
-class DenseSpec:
-    """One sentence-transformers Dense module: a linear layer over the pooled vector, then its
-    activation (a name of DENSE_ACTIVATIONS); the weights are in `path`'s model.safetensors."""
+class VectorModule:
+    """A sentence-transformers module over the pooled vector: `Dense` (a linear layer, then its
+    `activation`, a name of DENSE_ACTIVATIONS) or `LayerNorm` (over `in_features`); the weights
+    are in `path`'s model.safetensors."""
 
+    kind: str
     path: Path
     in_features: int
     out_features: int
-    bias: bool
-    activation: str
+    bias: bool = True
+    activation: str = "Identity"
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class EmbeddingSpec:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     matryoshka_dimensions: tuple[int, ...] | None = None
-    dense: tuple[DenseSpec, ...] = ()  # after pooling, in order
+    vector_modules: tuple[VectorModule, ...] = ()  # after pooling, in order
     # A StaticEmbedding model: the mean of per-token vectors, tokens without special tokens.
     static: bool = False
     # A cross-encoder ("rerank") scores text pairs: its labels' logits go through `activation`.
@@ -157,26 +160,40 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
         prompts=dict(st_cfg.get("prompts") or {}),
         default_prompt_name=st_cfg.get("default_prompt_name"),
         matryoshka_dimensions=_matryoshka(hf_cfg, st_cfg),
-        dense=_dense_modules(model_dir, modules),
+        vector_modules=_vector_modules(model_dir, modules),
         static=static,
         **(fields | ({} if "Pooling" in by_kind else _cross_encoder_fields(hf_cfg, st_cfg))),
     )
 
 
-def _dense_modules(model_dir: Path, modules: list[Any]) -> tuple[DenseSpec, ...]:
-    """The Dense modules, in order; they must come after pooling and before normalization."""
+def _vector_modules(model_dir: Path, modules: list[Any]) -> tuple[VectorModule, ...]:
+    """The Dense and LayerNorm modules, in order; they must come after pooling and before
+    normalization."""
     kinds = [str(module.get("type", "")).rsplit(".", 1)[-1] for module in modules]
-    dense = [index for index, kind in enumerate(kinds) if kind == "Dense"]
-    if not dense:
+    found = [index for index, kind in enumerate(kinds) if kind in VECTOR_MODULES]
+    if not found:
         return ()
     pooling = kinds.index("Pooling") if "Pooling" in kinds else -1
     normalize = kinds.index("Normalize") if "Normalize" in kinds else len(kinds)
-    if dense[0] < pooling or dense[-1] > normalize:
-        raise ModelLoadError(f"a Dense module outside pooling and normalization in {model_dir}: {kinds}")
-    return tuple(_dense(model_dir / str(modules[index].get("path", ""))) for index in dense)
+    if found[0] < pooling or found[-1] > normalize:
+        raise ModelLoadError(
+            f"a {kinds[found[0]]} module outside pooling and normalization in {model_dir}: {kinds}"
+        )
+    paths = [model_dir / str(modules[index].get("path", "")) for index in found]
+    return tuple(
+        _dense(path) if kinds[index] == "Dense" else _layer_norm(path)
+        for index, path in zip(found, paths, strict=True)
+    )
 
 
-def _dense(path: Path) -> DenseSpec:
+def _layer_norm(path: Path) -> VectorModule:
+    dimension = _dict_or_empty(_read_json(path / "config.json")).get("dimension")
+    if not isinstance(dimension, int) or dimension < 1:
+        raise ModelLoadError(f"{path / 'config.json'} does not describe a LayerNorm module")
+    return VectorModule("LayerNorm", path, dimension, dimension)
+
+
+def _dense(path: Path) -> VectorModule:
     cfg = _dict_or_empty(_read_json(path / "config.json"))
     activation = str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
     if activation not in DENSE_ACTIVATIONS:
@@ -184,8 +201,13 @@ def _dense(path: Path) -> DenseSpec:
             f"unsupported Dense activation {activation!r} in {path}; known: {DENSE_ACTIVATIONS}"
         )
     try:
-        return DenseSpec(
-            path, int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg.get("bias", True)), activation
+        return VectorModule(
+            "Dense",
+            path,
+            int(cfg["in_features"]),
+            int(cfg["out_features"]),
+            bool(cfg.get("bias", True)),
+            activation,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{path / 'config.json'} does not describe a Dense module: {exc}") from None
