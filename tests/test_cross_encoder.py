@@ -185,3 +185,24 @@ def test_a_bi_encoder_on_a_classifier_checkpoint_still_embeds(tmp_path: Path) ->
     config["architectures"] = ["BertForSequenceClassification"]
     (model_dir / "config.json").write_text(json.dumps(config))
     assert read_embedding_spec(model_dir).task == "embed"
+
+
+@pytest.mark.slow  # two front-end processes and an engine
+def test_pairs_cross_to_the_engine_process_with_their_token_types(served) -> None:
+    """With --http-workers the front ends tokenize the pairs and send ids and segment starts over
+    the wire: the scores must be the same as in one process."""
+    import requests
+
+    from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
+
+    client, reference = served
+    command = f"python3 -m toolkit.launch_server --model-path {client.state.model_path} --http-workers 2"
+    process, port = launch_server_cmd(command + " --log-level warning", host="127.0.0.1")
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}", timeout=120, process=process)
+        body = {"text_1": QUERY, "text_2": DOCUMENTS}
+        data = requests.post(f"http://127.0.0.1:{port}/v1/score", json=body, timeout=60).json()["data"]
+    finally:
+        terminate_process(process)
+    expected = reference.predict([(QUERY, doc) for doc in DOCUMENTS])
+    assert np.abs(np.array([item["score"] for item in data]) - expected).max() <= 1e-5
