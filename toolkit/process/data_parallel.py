@@ -112,11 +112,7 @@ async def _supervise(engines: Engines, front_ends: FrontEnds, drain_timeout: flo
     for task in (supervised, engines_gone, signalled):
         task.cancel()
     if stopping.is_set():
-        front_ends.signal_stop()
-        try:
-            await asyncio.wait_for(front_ends.all_exited(), drain_timeout + KILL_GRACE_S)
-        except TimeoutError:
-            logger.error("HTTP front ends still running after the drain timeout: killing them")
+        await front_ends.drain(drain_timeout)
         return 0
     logger.error("no engine is left" if engines_gone.done() else "HTTP front ends keep exiting")
     return 1

@@ -23,7 +23,7 @@ from types import FrameType
 from toolkit.errors import ModelLoadError
 from toolkit.execution.memory import prepare_process_memory
 from toolkit.process.bootstrap import exit_now, settle_garbage_collector
-from toolkit.process.front_ends import KILL_GRACE_S, POLL_S, FrontEnds
+from toolkit.process.front_ends import POLL_S, FrontEnds
 from toolkit.scheduling.batch_server import BatchServer
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import InferenceService
@@ -147,11 +147,7 @@ async def _wind_down(
 ) -> int:
     """After a stop signal, let the front ends drain (exit 0); else say why the server stops (1)."""
     if stopping.is_set():
-        front_ends.signal_stop()
-        try:
-            await asyncio.wait_for(front_ends.all_exited(), drain_timeout + KILL_GRACE_S)
-        except TimeoutError:
-            logger.error("HTTP front ends still running after the drain timeout: killing them")
+        await front_ends.drain(drain_timeout)
         return 0
     if broken.done():
         # Front ends would keep answering /health with 200 while every request fails: exit, so

@@ -124,6 +124,15 @@ class FrontEnds:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
 
+    async def drain(self, drain_timeout: float) -> None:
+        """Stop the front ends and wait while they drain; past the drain timeout and a grace
+        period, the caller's exit (and `stop`) ends them."""
+        self.signal_stop()
+        try:
+            await asyncio.wait_for(self.all_exited(), drain_timeout + KILL_GRACE_S)
+        except TimeoutError:
+            logger.error("HTTP front ends still running after the drain timeout: killing them")
+
     async def all_exited(self) -> None:
         while any(process.poll() is None for process in self.processes):
             await asyncio.sleep(POLL_S)
