@@ -111,9 +111,8 @@ def test_a_server_stops_when_the_kernel_exits_without_stopping_it() -> None:
             server.kill()
 
 
-def test_a_second_ctrl_c_stops_at_once_in_one_line_and_exits_non_zero() -> None:
-    """The first Ctrl+C drains; a second one cuts the request in flight and ends the process,
-    without a traceback or a 500 (a batch finishing for a cancelled request was one)."""
+def _logged_server() -> tuple[subprocess.Popen[str], int, list[str], threading.Thread]:
+    """A server on a free port, its output (stdout and stderr) collected line by line."""
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]
     server = subprocess.Popen(
@@ -125,6 +124,13 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line_and_exits_non_zero() -> None:
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(server.stdout or []), daemon=True)
     reader.start()
+    return server, port, lines, reader
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line_and_exits_non_zero() -> None:
+    """The first Ctrl+C drains; a second one cuts the request in flight and ends the process,
+    without a traceback or a 500 (a batch finishing for a cancelled request was one)."""
+    server, port, lines, reader = _logged_server()
     url = f"http://127.0.0.1:{port}"
     answer: dict[str, object] = {}
 
@@ -168,17 +174,7 @@ def _in_flight(url: str) -> float:
 def test_the_default_log_is_short_lines_and_one_per_request() -> None:
     """At the default level: a start line, a loaded line, a ready line, one access line per
     request; no settings dump, no batch lines, no uvicorn chatter."""
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "toolkit.launch_server", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(server.stdout or []), daemon=True)
-    reader.start()
+    server, port, lines, reader = _logged_server()
     try:
         wait_until(lambda: any("Ready:" in line for line in lines), "the server is ready", 120)
         for _ in range(3):
