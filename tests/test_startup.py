@@ -254,7 +254,7 @@ def test_compile_is_on_by_default_only_on_cuda_and_for_encoders_only_with_graphs
     decoder = SimpleNamespace(compile_pays_off=True, compile_needs_graphs=False)
     fallback = SimpleNamespace(compile_pays_off=False, compile_needs_graphs=False)
     graphs, no_graphs = ServerArgs(), ServerArgs(cuda_graphs=False)
-    embeds, reranks = SimpleNamespace(is_cross_encoder=False), SimpleNamespace(is_cross_encoder=True)
+    embeds, reranks = SimpleNamespace(task="embed"), SimpleNamespace(task="rerank")
     assert _compile_wanted(graphs, cuda, encoder, embeds)  # type: ignore[arg-type]
     assert not _compile_wanted(no_graphs, cuda, encoder, embeds)  # type: ignore[arg-type]
     assert _compile_wanted(no_graphs, cuda, decoder, embeds)  # type: ignore[arg-type]
@@ -265,3 +265,5 @@ def test_compile_is_on_by_default_only_on_cuda_and_for_encoders_only_with_graphs
     # A cross-encoder runs without graphs, so an encoder's compile does not pay off either.
     assert not _compile_wanted(graphs, cuda, encoder, reranks)  # type: ignore[arg-type]
     assert _compile_wanted(ServerArgs(compile=True), cuda, encoder, reranks)  # type: ignore[arg-type]
+    # Nor does SPLADE, whose vocabulary-wide outputs run without graphs too.
+    assert not _compile_wanted(graphs, cuda, encoder, SimpleNamespace(task="sparse"))  # type: ignore[arg-type]

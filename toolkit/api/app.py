@@ -29,7 +29,7 @@ from toolkit.api.limits import BodySizeLimit
 from toolkit.api.observability import Observability
 from toolkit.api.origins import HostAndOrigin
 from toolkit.api.responses import JSONResponse
-from toolkit.api.retrieval_routes import add_retrieval_routes
+from toolkit.api.retrieval_routes import add_retrieval_routes, add_sparse_routes
 from toolkit.api.routes import add_embedding_routes, add_info_routes, add_tokenizer_routes
 from toolkit.api.state import ServerState, load_service
 from toolkit.service.inference import InferenceService
@@ -73,6 +73,7 @@ def create_app(
     add_embedding_routes(app, state, authorized)
     add_tokenizer_routes(app, state, authorized)
     add_retrieval_routes(app, state, authorized)
+    add_sparse_routes(app, state, authorized)
     _add_middleware(app, state)
     return app
 

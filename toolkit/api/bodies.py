@@ -17,11 +17,12 @@ from pydantic import BaseModel, ValidationError
 
 from toolkit.api.observability import new_id
 from toolkit.api.prescan import PRESCAN_BYTES, prescan
-from toolkit.api.schemas import CohereEmbedRequest, EmbeddingRequest, EncodeRequest
+from toolkit.api.schemas import CohereEmbedRequest, EmbeddingRequest, EncodeRequest, SparseEmbedRequest
 from toolkit.errors import InvalidRequestError, echoed
 from toolkit.service.compact import compact
 from toolkit.service.inference import EmbedRequest, EmbedResult
 from toolkit.service.similarity import Scores
+from toolkit.service.sparse import pairs
 from toolkit.service.validation import RequestLimits
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -79,6 +80,27 @@ def embed_request(
         prompt_name=body.prompt_name,
         truncate=body.truncate,
         truncation_side=body.truncation_side,
+        max_active_dims=body.max_active_dims if isinstance(body, EmbeddingRequest) else None,
+    )
+
+
+def sparse_embed_request(body: SparseEmbedRequest, prompts: dict[str, str]) -> EmbedRequest:
+    """The service's request for an /embed_sparse body: its input type picks the route, and the
+    prompt of that name where the model has one and the body names none (as
+    sentence-transformers' encode_query and encode_document do)."""
+    prompt_name = body.prompt_name
+    if prompt_name is None and body.input_type is not None:
+        name = body.input_type.removeprefix("search_")
+        prompt_name = name if name in prompts else None
+    return EmbedRequest(
+        inputs=body.inputs,
+        param="inputs",
+        accepts="texts",
+        prompt_name=prompt_name,
+        truncate=body.truncate,
+        truncation_side=body.truncation_direction.lower() if body.truncation_direction else None,
+        route=body.input_type,
+        max_active_dims=body.max_active_dims,
     )
 
 
@@ -143,10 +165,12 @@ def is_single_input(raw: Any) -> bool:
     return isinstance(raw, str) or bool(isinstance(raw, list) and raw and isinstance(raw[0], int))
 
 
-def embeddings_data(result: EmbedResult, as_base64: bool, kind: str = "float") -> list[dict[str, Any]]:
+def embeddings_data(
+    result: EmbedResult, as_base64: bool, kind: str = "float", sparse: bool = False
+) -> list[dict[str, Any]]:
     """OpenAI's `data`: one embedding object per input, in order, as floats unless `kind` names
-    a compact type (integers, or base64 of their bytes)."""
-    rows = compact(result.embeddings, kind)
+    a compact type (integers, or base64 of their bytes), or `sparse` (index, value) pairs."""
+    rows = [pairs(row) for row in result.embeddings] if sparse else compact(result.embeddings, kind)
     return [
         {"object": "embedding", "index": i, "embedding": _as_base64(row) if as_base64 else row}
         for i, row in enumerate(rows)
@@ -202,6 +226,11 @@ def cohere_embed_answer(texts: list[str], result: EmbedResult, kinds: list[str])
         "texts": texts,
         "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": result.prompt_tokens}},
     }
+
+
+def sparse_answer(result: EmbedResult) -> list[list[dict[str, float]]]:
+    """text-embeddings-inference's /embed_sparse answer: each input's non-zero (index, value)."""
+    return [pairs(row) for row in result.embeddings]
 
 
 def encode_items(result: EmbedResult) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """The retrieval routes on an embedding model: rerank and score by cosine similarity (Cohere's,
-Jina's, vLLM's and SGLang's paths), and Cohere's /v2/embed with compact embeddings."""
+Jina's, vLLM's and SGLang's paths), Cohere's /v2/embed with compact embeddings, and
+text-embeddings-inference's /embed_sparse for sparse models."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from toolkit.api.bodies import (
     parse_body,
     rerank_answer,
     score_answer,
+    sparse_answer,
+    sparse_embed_request,
 )
 from toolkit.api.responses import JSONResponse
-from toolkit.api.routes import check_model, limits_of, run_service
-from toolkit.api.schemas import CohereEmbedRequest, RerankRequest, ScoreRequest
+from toolkit.api.routes import check_model, limits_of, require_sparse, run_service
+from toolkit.api.schemas import CohereEmbedRequest, RerankRequest, ScoreRequest, SparseEmbedRequest
 from toolkit.api.state import ServerState
 from toolkit.errors import ContextLengthExceededError
 from toolkit.service.similarity import Truncation, rank_documents, score_pairs
@@ -84,4 +87,25 @@ def add_retrieval_routes(app: FastAPI, state: ServerState, authorized: list[Depe
         methods=["POST"],
         dependencies=authorized,
         openapi_extra=json_body(CohereEmbedRequest),
+    )
+
+
+def add_sparse_routes(app: FastAPI, state: ServerState, authorized: list[Depends]) -> None:
+    """text-embeddings-inference's /embed_sparse: (index, value) pairs of a sparse model."""
+
+    async def embed_sparse(request: Request) -> Response:
+        body = await parse_body(request, SparseEmbedRequest, limits_of(state), ("inputs",))
+        with state.admission.admit(request.client):
+            check_model(state, body.model)
+            require_sparse(state, "inputs")
+            embed = sparse_embed_request(body, state.ready_service().spec.prompts)
+            result = await run_service(state, request, lambda service, timing: service.embed(embed, timing))
+        return JSONResponse(sparse_answer(result))
+
+    app.add_api_route(
+        "/embed_sparse",
+        embed_sparse,
+        methods=["POST"],
+        dependencies=authorized,
+        openapi_extra=json_body(SparseEmbedRequest),
     )

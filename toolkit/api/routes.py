@@ -28,6 +28,7 @@ from toolkit.api.state import ServerState
 from toolkit.errors import InvalidRequestError, ModelNotFoundError, ShuttingDownError, echoed
 from toolkit.scheduling.timing import RequestTiming
 from toolkit.service.inference import EmbedRequest, EmbedResult, InferenceService
+from toolkit.service.sparse_spec import SparseSpec
 from toolkit.service.validation import RequestLimits
 
 
@@ -67,9 +68,17 @@ def add_embedding_routes(app: FastAPI, state: ServerState, authorized: list[Depe
         body = await parse_body(request, EmbeddingRequest, limits_of(state), ("input",))
         with state.admission.admit(request.client):
             check_model(state, body.model)
+            if body.sparse:
+                require_sparse(state, "sparse")
+                if body.encoding_format == "base64" or body.embedding_type not in (None, "float"):
+                    raise InvalidRequestError(
+                        "sparse embeddings come as (index, value) pairs: drop 'encoding_format' and "
+                        "'embedding_type'",
+                        param="sparse",
+                    )
             result = await _embed(state, request, embed_request(body.input, body))
         kind = body.embedding_type or "float"
-        data = embeddings_data(result, as_base64=body.encoding_format == "base64", kind=kind)
+        data = embeddings_data(result, body.encoding_format == "base64", kind, body.sparse)
         usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
         return JSONResponse({"object": "list", "data": data, "model": state.args.model_name, "usage": usage})
 
@@ -125,6 +134,17 @@ def check_model(state: ServerState, model: str | None) -> None:
         raise ModelNotFoundError(
             f"model {echoed(repr(model))} is not served here; this server serves {state.args.model_name!r}",
             param="model",
+        )
+
+
+def require_sparse(state: ServerState, param: str) -> None:
+    """Sparse output needs a sparse model (sentence-transformers' SparseEncoder)."""
+    task = state.ready_service().spec.task
+    if task != "sparse":
+        raise InvalidRequestError(
+            f"this model serves {task!r}, not sparse embeddings: sparse output needs a "
+            "sentence-transformers SparseEncoder (SPLADE) model",
+            param=param,
         )
 
 
@@ -194,5 +214,21 @@ def _model_info(state: ServerState) -> dict[str, Any]:
                 | ({"activation": m.activation} if m.kind == "Dense" else {})
                 for m in service.spec.vector_modules
             ],
+            "sparse": _sparse_info(service.spec.sparse),
         }
     return info
+
+
+def _sparse_info(sparse: SparseSpec | None) -> dict[str, Any] | None:
+    """A sparse model's SpladePooling, its routes (an inference-free model) and its top-k."""
+    if sparse is None:
+        return None
+    routes = None
+    if sparse.query_dir is not None:
+        routes = {"query": "SparseStaticEmbedding", "document": "SPLADE", "default": sparse.default_route}
+    return {
+        "pooling": sparse.pooling,
+        "activation": sparse.activation,
+        "routes": routes,
+        "max_active_dims": sparse.max_active_dims,
+    }

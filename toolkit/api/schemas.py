@@ -34,6 +34,10 @@ class EmbeddingRequest(BaseModel):
     truncation_side: Side | None = None
     # Not OpenAI's: a compact form of each vector (toolkit.service.compact); absent, floats.
     embedding_type: CompactType | None = None
+    # Not OpenAI's, for sparse models: (index, value) pairs instead of a vocabulary-wide vector,
+    # and how many of the largest components to keep.
+    sparse: StrictBool = False
+    max_active_dims: StrictInt | None = Field(default=None, ge=1)
 
 
 class EncodeRequest(BaseModel):
@@ -90,6 +94,21 @@ class CohereEmbedRequest(BaseModel):
     truncate: Literal["NONE", "START", "END"] | None = None
     images: None = None
     inputs: None = None
+
+
+class SparseEmbedRequest(BaseModel):
+    """POST /embed_sparse, text-embeddings-inference's: a text or texts of a sparse model."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: SkipValidation[StrictStr | list[StrictStr]]
+    model: StrictStr | None = None
+    truncate: StrictBool | None = None
+    truncation_direction: Literal["left", "right", "Left", "Right"] | None = None
+    prompt_name: StrictStr | None = None
+    # The route of an inference-free model, and the prompt of that name where the model has one.
+    input_type: Literal["query", "document", "search_query", "search_document"] | None = None
+    max_active_dims: StrictInt | None = Field(default=None, ge=1)
 
 
 class TokenizeRequest(BaseModel):

@@ -57,7 +57,9 @@ def _load_on_device_thread(
 ) -> tuple[InferenceService, torch.nn.Module]:
     dtype = pick_dtype(args.dtype, device)
     started = time.perf_counter()
-    model = load_model(files.spec.transformer_dir, device, dtype, files.spec.is_cross_encoder)
+    sparse = files.spec.sparse
+    splade = (sparse.pooling, sparse.activation) if sparse is not None else None
+    model = load_model(files.spec.transformer_dir, device, dtype, files.spec.is_cross_encoder, splade)
     logger.info(
         "Loaded the weights in %.2f s: %s (%s) in %s on %s.",
         time.perf_counter() - started,
@@ -78,14 +80,15 @@ def _load_on_device_thread(
     if args.warmup:
         _warm_up(runner, files.tokenizer, context_length, compiled)
         runner.stats = RunnerStats()  # count serving only
-    # BERT pairs carry token types, which the graphs do not hold: a cross-encoder runs eagerly.
-    if device.type == "cuda" and args.cuda_graphs and not spec.is_cross_encoder:
+    # BERT pairs carry token types, which the graphs do not hold: a cross-encoder runs eagerly;
+    # so does SPLADE, whose vocabulary-wide outputs graphs would hold for every batch shape.
+    if device.type == "cuda" and args.cuda_graphs and spec.task == "embed":
         sample = (files.tokenizer.encode(["warm up"])[0] * 256)[:256]
         runner.capture_graphs(sample, context_length)
     limits = args.request_limits(spec, context_length, _vocab_rows(model.module, files.tokenizer))
     batch_tokens = args.max_batch_tokens or (32768 if device.type == "cuda" else 8192)
     batcher = Batcher(runner, batch_tokens, args.max_queued_tokens, args.max_queued_inputs)
-    dim = model.hidden_size * len(spec.pooling_modes)
+    dim = model.hidden_size * (1 if model.pools_itself else len(spec.pooling_modes))
     dim = spec.vector_modules[-1].out_features if spec.vector_modules else dim
     return InferenceService(batcher, files.tokenizer, spec, limits, dim), model.module
 
@@ -97,7 +100,7 @@ def _compile_wanted(args: ServerArgs, device: torch.device, model: LoadedModel, 
         return args.compile
     if device.type != "cuda" or not model.compile_pays_off:
         return False
-    graphs = args.cuda_graphs and not spec.is_cross_encoder
+    graphs = args.cuda_graphs and spec.task == "embed"
     return graphs or not model.compile_needs_graphs
 
 

@@ -244,7 +244,9 @@ class Runner:
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """The device work of a batch already on the device: forward, pooling, normalization."""
-        if self.row_mode is not None:
+        if self.model.pools_itself:
+            embeddings = self.model.forward(batch, None)
+        elif self.row_mode is not None:
             rows = token_rows(batch, self.row_mode)
             embeddings = self.model.forward(batch, rows).float()
         else:

@@ -35,3 +35,5 @@ class LoadedModel:
     compile_pays_off: bool = False
     compile_needs_graphs: bool = False
     row_pooling_modes: frozenset[str] = frozenset()
+    # `forward` returns each sequence's vector [B, D] itself (SPLADE), not token states.
+    pools_itself: bool = False

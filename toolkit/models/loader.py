@@ -22,6 +22,7 @@ from toolkit.models.encoder import Encoder, EncoderConfig, encoder_state_dict
 from toolkit.models.hf_fallback import load_transformers_model
 from toolkit.models.registry import family_of, num_labels
 from toolkit.models.short_batch_linear import pack_linear_weights
+from toolkit.models.sparse import SpladeEncoder, mlm_head_state_dict
 from toolkit.models.static import MAX_INPUT_TOKENS, is_static_checkpoint, load_static
 
 logger = logging.getLogger(__name__)
@@ -38,9 +39,14 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
 
 
 def load_model(
-    model_dir: Path, device: torch.device, dtype: torch.dtype, classifier: bool = False
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    classifier: bool = False,
+    splade: tuple[str, str] | None = None,
 ) -> LoadedModel:
-    """`classifier`: a cross-encoder, read through its classification head (the spec decides)."""
+    """`classifier`: a cross-encoder, read through its classification head; `splade`: SPLADE over
+    the masked-language-model head, with its (pooling, activation). The spec decides both."""
     if is_static_checkpoint(model_dir):
         module = load_static(model_dir).to(device=device, dtype=dtype).eval().requires_grad_(False)
         dim = module.tok_embeddings.embedding_dim
@@ -48,7 +54,7 @@ def load_model(
     hf = read_hf_config(model_dir)
     model_type = hf.get("model_type", "")
     if family_of(model_type) is not None:
-        return _load_native(model_dir, hf, device, dtype, classifier)
+        return _load_native(model_dir, hf, device, dtype, classifier, splade)
     logger.warning(
         "No packed implementation for model_type=%r: falling back to transformers.AutoModel "
         "with padded batches.",
@@ -58,9 +64,14 @@ def load_model(
 
 
 def _load_native(
-    model_dir: Path, hf: dict[str, Any], device: torch.device, dtype: torch.dtype, classifier: bool
+    model_dir: Path,
+    hf: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    classifier: bool,
+    splade: tuple[str, str] | None,
 ) -> LoadedModel:
-    module: Encoder | Decoder | PairClassifier
+    module: Encoder | Decoder | PairClassifier | SpladeEncoder
     encoder = family_of(hf["model_type"]) == "encoder"
     if encoder:
         enc_cfg = EncoderConfig.from_hf(hf)
@@ -76,6 +87,12 @@ def _load_native(
                 module = PairClassifier(module, labels)
             state = {f"encoder.{key}": value for key, value in state.items()} | head_state_dict(raw)
             dim = labels
+        elif splade is not None:
+            with torch.device("meta"):
+                module = SpladeEncoder(module, *splade)
+            head = mlm_head_state_dict(raw, weights["embeddings.word_embeddings.weight"])
+            state = {f"encoder.{key}": value for key, value in state.items()} | head
+            dim = enc_cfg.vocab_size
     else:
         dec_cfg = DecoderConfig.from_hf(hf)
         weights = _strip_prefix(_read_safetensors(model_dir), "embed_tokens.weight")
@@ -96,6 +113,7 @@ def _load_native(
         compile_pays_off=True,
         compile_needs_graphs=encoder,
         row_pooling_modes=module.row_pooling_modes,
+        pools_itself=splade is not None,
     )
 
 

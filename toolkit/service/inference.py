@@ -19,6 +19,7 @@ from toolkit.errors import ContextLengthExceededError, InvalidRequestError, Requ
 from toolkit.scheduling.timing import RequestTiming
 from toolkit.scheduling.work import BatchQueue, WorkItem
 from toolkit.service.model_spec import EmbeddingSpec
+from toolkit.service.sparse import QueryRoute, keep_top, route_of
 from toolkit.service.tokenization import TextTokenizer
 from toolkit.service.validation import (
     RequestLimits,
@@ -58,6 +59,10 @@ class EmbedRequest:
     prompt_name: str | None = None
     truncate: bool | None = None
     truncation_side: str | None = None
+    # Sparse models: the route ("query", "document", or Cohere's input types; None: by the
+    # prompt name, else the model's default) and how many components to keep.
+    route: str | None = None
+    max_active_dims: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ class InferenceService:
         self.limits = limits
         self.embedding_dim = embedding_dim
         self._foreign_ids_warned = -FOREIGN_IDS_WARNING_EVERY_S
+        sparse = spec.sparse
+        self.query_route = QueryRoute(sparse, embedding_dim) if sparse and sparse.query_dir else None
         self.max_text_chars = limits.context_length * tokenizer.max_token_chars * CHARS_PER_TOKEN_BOUND
 
     # --- lifecycle: on the event loop that will serve requests ---
@@ -144,6 +151,8 @@ class InferenceService:
                 "and has no embeddings",
                 param=request.param,
             )
+        if self.spec.sparse is not None:
+            return await self._embed_sparse(request, timing)
         check_dimensions(
             request.dimensions, self.embedding_dim, self.spec.matryoshka_dimensions, request.dimensions_param
         )
@@ -152,6 +161,32 @@ class InferenceService:
         if request.dimensions is not None and request.dimensions < embeddings.shape[1]:
             embeddings = _truncate_dimensions(embeddings, request.dimensions)
         return EmbedResult(embeddings, [len(item.token_ids) for item in items])
+
+    async def _embed_sparse(self, request: EmbedRequest, timing: RequestTiming | None) -> EmbedResult:
+        """A sparse model's vocabulary-wide vectors: SPLADE, or an inference-free model's query
+        route, computed here without the device."""
+        sparse = self.spec.sparse
+        assert sparse is not None
+        if request.dimensions is not None:
+            raise InvalidRequestError(
+                "a sparse model's vectors span its vocabulary and cannot be shortened; "
+                "send 'max_active_dims' to keep the largest components",
+                param=request.dimensions_param,
+            )
+        name = request.prompt_name or (
+            None if request.prompt is not None else self.limits.default_prompt_name
+        )
+        route = self.query_route if route_of(sparse, request.route, name) == "query" else None
+        if route is None:
+            items, rows = await self._run(self._work_items(request), request.param, timing)
+            vectors = np.stack(rows).astype(np.float32, copy=False)
+        else:
+            items, _ = await self._run(
+                self._work_items(request, route.tokenizer), request.param, None, run=False
+            )
+            vectors = await asyncio.to_thread(route.vectors, [item.token_ids for item in items])
+        vectors = keep_top(vectors, request.max_active_dims or sparse.max_active_dims)
+        return EmbedResult(vectors, [len(item.token_ids) for item in items])
 
     async def classify(self, request: PairsRequest, timing: RequestTiming | None = None) -> EmbedResult:
         """A cross-encoder's score of each pair: its logits through the model's activation (the
@@ -207,16 +242,20 @@ class InferenceService:
         return await asyncio.to_thread(self.tokenizer.decode, ids, skip_special_tokens)
 
     async def _run(
-        self, prepared: Awaitable[list[WorkItem]], param: str, timing: RequestTiming | None
+        self,
+        prepared: Awaitable[list[WorkItem]],
+        param: str,
+        timing: RequestTiming | None,
+        run: bool = True,
     ) -> tuple[list[WorkItem], list[np.ndarray]]:
-        """Prepare a request's work items, check its token total and run them, all within the
-        request timeout."""
+        """Prepare a request's work items, check its token total and run them (unless not to
+        `run`), all within the request timeout."""
         timeout = self.limits.request_timeout
         try:
             async with asyncio.timeout(timeout):
                 items = await prepared
                 check_total_tokens(items, self.limits.max_tokens_per_request, param)
-                return items, await self._rows(items, timing)
+                return items, await self._rows(items, timing) if run else []
         except TimeoutError:
             raise RequestTimeoutError(
                 f"no answer within the server's request timeout of {timeout:g} s; the work was withdrawn"
@@ -229,14 +268,16 @@ class InferenceService:
         finally:
             future.cancel()  # a cancelled request (client gone, timed out) leaves its inputs unrun
 
-    async def _work_items(self, request: EmbedRequest) -> list[WorkItem]:
+    async def _work_items(
+        self, request: EmbedRequest, tokenizer: TextTokenizer | None = None
+    ) -> list[WorkItem]:
         side = self._truncation_side(request)
         inputs = sort_inputs(request.inputs, request.param, self.limits, self.max_text_chars, side)
         kind = "texts" if inputs.texts is not None else "token ids"
         if kind not in request.accepts:
             raise InvalidRequestError(f"'{request.param}' must hold {request.accepts}", param=request.param)
         if inputs.texts is not None:
-            return await self._text_items(request, inputs.texts)
+            return await self._text_items(request, inputs.texts, tokenizer or self.tokenizer)
         assert inputs.token_ids is not None
         if request.prompt is not None or request.prompt_name is not None:
             raise InvalidRequestError(
@@ -272,7 +313,9 @@ class InferenceService:
             list(suffix),
         )
 
-    async def _text_items(self, request: EmbedRequest, texts: Sequence[str]) -> list[WorkItem]:
+    async def _text_items(
+        self, request: EmbedRequest, texts: Sequence[str], tokenizer: TextTokenizer
+    ) -> list[WorkItem]:
         prompt = resolve_prompt(
             request.prompt, request.prompt_name, self.limits.default_prompt_name, self.spec
         )
@@ -283,21 +326,25 @@ class InferenceService:
             prompt = prompt.lower() if prompt else prompt
         if prompt:
             texts = [prompt + text for text in texts]
-        ids = await self._tokenize(list(texts), self._truncation_side(request), request.param)
+        ids = await self._tokenize(list(texts), self._truncation_side(request), request.param, tokenizer)
         pool_start = 0
         if prompt and not self.spec.include_prompt:
             pool_start = self.tokenizer.prompt_length(prompt)
         return [WorkItem(seq, pool_start) for seq in ids]
 
-    async def _tokenize(self, texts: list[str], side: str | None, param: str) -> list[list[int]]:
+    async def _tokenize(
+        self, texts: list[str], side: str | None, param: str, tokenizer: TextTokenizer
+    ) -> list[list[int]]:
         """Token ids of each text: cut at the context length from `side`, or, with no side, whole
         and refused when one is longer. Tokenized once, beside the event loop unless short."""
         limit = self.limits.context_length
+        if self.query_route is not None and tokenizer is self.query_route.tokenizer:
+            limit = min(limit, self.query_route.max_length or limit)
 
         def encode() -> list[list[int]]:
             if side is None:
-                return self.tokenizer.encode(texts)
-            return self.tokenizer.encode_truncated(texts, limit, side)
+                return tokenizer.encode(texts)
+            return tokenizer.encode_truncated(texts, limit, side)
 
         # Rust tokenization releases the GIL: long texts run beside the event loop, not on it.
         ids = encode() if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)

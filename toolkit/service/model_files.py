@@ -47,6 +47,11 @@ def read_model_files(
             f"{model_dir} is a cross-encoder: it reads its first token and is not normalized, so "
             "--pooling and --normalize do not apply"
         )
+    if spec.sparse is not None and (pooling is not None or normalize is not None):
+        raise ModelLoadError(
+            f"{model_dir} is a sparse model: SpladePooling makes its vectors, unnormalized, so "
+            "--pooling and --normalize do not apply"
+        )
     if pooling is not None:
         spec = replace(spec, pooling_modes=(pooling,))
     if normalize is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from toolkit.errors import ModelLoadError
 from toolkit.models.registry import family_of, is_classifier, num_labels
+from toolkit.service.sparse_spec import SparseSpec, read_sparse_spec
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class EmbeddingSpec:
     task: str = "embed"
     labels: int = 0
     activation: str = "identity"
+    # A sparse model ("sparse" task): SPLADE, and an inference-free model's query route.
+    sparse: SparseSpec | None = None
 
     @property
     def is_cross_encoder(self) -> bool:
@@ -128,6 +131,9 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
     if not isinstance(modules, list):
         return _spec_without_st_files(model_dir)
     by_kind = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules}
+    st_cfg = _dict_or_empty(_read_json(model_dir / "config_sentence_transformers.json"))
+    if st_cfg.get("model_type") == "SparseEncoder" or {"SpladePooling", "Router"} & set(by_kind):
+        return _sparse_embedding_spec(model_dir, modules, st_cfg)
     unknown = [kind for kind in by_kind if kind not in _IGNORED_MODULES]
     if unknown:
         raise ModelLoadError(f"unsupported sentence-transformers modules in {model_dir}: {unknown}")
@@ -139,7 +145,6 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
     if "Pooling" in by_kind:
         loaded = _read_json(model_dir / by_kind["Pooling"].get("path", "1_Pooling") / "config.json")
         pooling_cfg = loaded if isinstance(loaded, dict) else {}
-    st_cfg = _dict_or_empty(_read_json(model_dir / "config_sentence_transformers.json"))
     bert_cfg = _dict_or_empty(_read_json(transformer_dir / "sentence_bert_config.json"))
     if not bert_cfg:
         bert_cfg = _dict_or_empty(_read_json(model_dir / "sentence_bert_config.json"))
@@ -163,6 +168,29 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
         vector_modules=_vector_modules(model_dir, modules),
         static=static,
         **(fields | ({} if "Pooling" in by_kind else _cross_encoder_fields(hf_cfg, st_cfg))),
+    )
+
+
+def _sparse_embedding_spec(model_dir: Path, modules: list[Any], st_cfg: dict[str, Any]) -> EmbeddingSpec:
+    """A SparseEncoder: SPLADE over an encoder's masked-language-model head, not normalized."""
+    transformer_dir, sparse = read_sparse_spec(model_dir, modules, st_cfg)
+    hf_cfg = _dict_or_empty(_read_json(transformer_dir / "config.json"))
+    if family_of(hf_cfg.get("model_type")) != "encoder":
+        raise ModelLoadError(
+            f"SPLADE over model_type {hf_cfg.get('model_type')!r} is not served; BERT, RoBERTa, "
+            "XLM-RoBERTa and MPNet masked-language models are"
+        )
+    bert_cfg = _dict_or_empty(_read_json(transformer_dir / "sentence_bert_config.json"))
+    return EmbeddingSpec(
+        transformer_dir=transformer_dir,
+        pooling_modes=(f"splade_{sparse.pooling}",),
+        normalize=False,
+        max_seq_length=_max_seq_length(bert_cfg, hf_cfg, transformer_dir, model_dir),
+        do_lower_case=bool(bert_cfg.get("do_lower_case", False)),
+        prompts=dict(st_cfg.get("prompts") or {}),
+        default_prompt_name=st_cfg.get("default_prompt_name"),
+        task="sparse",
+        sparse=sparse,
     )
 
 

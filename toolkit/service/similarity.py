@@ -1,6 +1,6 @@
 """Scores of text pairs and rankings of documents: a cross-encoder's score of each pair, or on an
-embedding model the cosine similarity of their embeddings, as vLLM serves a bi-encoder's /score
-and /rerank (one server can then retrieve and rerank).
+embedding model the cosine similarity of their embeddings (a sparse model's dot product), as vLLM
+serves a bi-encoder's /score and /rerank (one server can then retrieve and rerank).
 
 A query takes the model's `query` prompt and a document its `document` (or `passage`) prompt
 where the model's sentence-transformers config names one, as its model card asks of users.
@@ -55,10 +55,12 @@ async def rank_documents(
         result = await service.classify(pairs, timing)
         return Scores(result.embeddings, result.token_counts, texts)
     queries, docs = await _both(
-        service.embed(_request([query], "query", QUERY_PROMPTS, service, truncation), timing),
-        service.embed(_request(texts, "documents", DOCUMENT_PROMPTS, service, truncation), timing),
+        service.embed(_request([query], "query", QUERY_PROMPTS, service, truncation, "query"), timing),
+        service.embed(
+            _request(texts, "documents", DOCUMENT_PROMPTS, service, truncation, "document"), timing
+        ),
     )
-    return Scores(cosine(queries.embeddings, docs.embeddings), _counts(queries, docs), texts)
+    return Scores(_similarity(service, queries, docs), _counts(queries, docs), texts)
 
 
 async def score_pairs(
@@ -86,7 +88,7 @@ async def score_pairs(
         service.embed(_request(firsts, "text_1", (), service, truncation), timing),
         service.embed(_request(seconds, "text_2", (), service, truncation), timing),
     )
-    return Scores(cosine(left.embeddings, right.embeddings), _counts(left, right))
+    return Scores(_similarity(service, left, right), _counts(left, right))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -96,8 +98,20 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray((a * b).sum(axis=1), dtype=np.float32)
 
 
+def _similarity(service: InferenceService, first: EmbedResult, second: EmbedResult) -> np.ndarray:
+    """Cosine similarity; a sparse model's dot product, its sentence-transformers similarity."""
+    if service.spec.sparse is not None:
+        return np.asarray((first.embeddings * second.embeddings).sum(axis=1), dtype=np.float32)
+    return cosine(first.embeddings, second.embeddings)
+
+
 def _request(
-    texts: list[str], param: str, prompts: tuple[str, ...], service: InferenceService, truncation: Truncation
+    texts: list[str],
+    param: str,
+    prompts: tuple[str, ...],
+    service: InferenceService,
+    truncation: Truncation,
+    route: str | None = None,
 ) -> EmbedRequest:
     named = next((name for name in prompts if name in service.spec.prompts), None)
     return EmbedRequest(
@@ -109,6 +123,7 @@ def _request(
         prompt=None if named else "",
         truncate=truncation.truncate,
         truncation_side=truncation.side,
+        route=route,
     )
 
 
