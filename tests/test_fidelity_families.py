@@ -27,6 +27,7 @@ from tests.helpers.model_zoo import (
     FAMILIES,
     POOLING_MODES,
     PROMPTS,
+    WINDOWED_FAMILIES,
     assert_embeddings_close,
     build_fallback_model,
     build_tiny_model,
@@ -129,7 +130,7 @@ def write_json(path: Path, **updates: Any) -> None:
 # --- every family, as its directory configures it ------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES + WINDOWED_FAMILIES)
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     model_dir = build_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
     with serving(model_dir) as client:
@@ -185,6 +186,11 @@ POOLING_CASES = [
     # attention bias, and in a bidirectional decoder (gte-Qwen2 style) where CLS is allowed.
     ("mpnet", "cls", True),
     ("qwen2", "cls", True),
+    # A last layer with a window computes every token (ModernBERT's here); a global one (Gemma3's)
+    # only the pooled ones.
+    ("modernbert", "cls", True),
+    ("gemma3", "cls", True),
+    ("gemma3", "lasttoken", False),
 ]
 
 
@@ -235,6 +241,23 @@ def test_cli_overrides_match_a_directory_that_says_the_same(tmp_path: Path) -> N
     assert_matches_references(ours, model_dir, TEXTS, prompt_name="query")
 
 
+# A global last layer (ModernBERT computes only the pooled rows there), and causal Gemma3 (its
+# windows look back only).
+WINDOWED_VARIANTS = [
+    ("modernbert", "cls", {"global_attn_every_n_layers": 2}),
+    ("gemma3", "lasttoken", {"use_bidirectional_attention": False}),
+    ("gemma3", "mean", {"use_bidirectional_attention": False}),
+]
+
+
+@pytest.mark.parametrize(("family", "mode", "config"), WINDOWED_VARIANTS)
+def test_windowed_variants(tmp_path: Path, family: str, mode: str, config: dict[str, Any]) -> None:
+    model_dir = build_tiny_model(family, tmp_path, pooling=mode, **config)
+    with serving(model_dir) as client:
+        texts = [*TEXTS, text_at_limit(client)]
+        assert_matches_references(embed(client, texts), model_dir, texts)
+
+
 @pytest.mark.parametrize(("family", "include_prompt"), [("xlm-roberta", False), ("mistral", True)])
 def test_do_lower_case_lowercases_the_prompt_too(tmp_path: Path, family: str, include_prompt: bool) -> None:
     model_dir = build_tiny_model(family, tmp_path)
@@ -259,7 +282,7 @@ def test_do_lower_case_lowercases_the_prompt_too(tmp_path: Path, family: str, in
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["bert", "qwen2"])
+@pytest.mark.parametrize("family", ["bert", "qwen2", "modernbert", "gemma3"])
 def test_bfloat16_stays_close_to_the_float32_reference(tmp_path: Path, family: str) -> None:
     model_dir = build_tiny_model(family, tmp_path)
     with serving(model_dir, "--dtype", "bfloat16") as client:

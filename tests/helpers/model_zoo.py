@@ -41,7 +41,13 @@ import torch
 import torch.nn.functional as F
 
 FAMILIES = ("bert", "xlm-roberta", "mpnet", "qwen2", "qwen3", "llama", "mistral")
-ENCODER_FAMILIES = frozenset({"bert", "xlm-roberta", "mpnet"})
+# Families with windowed layers, built here too but kept out of FAMILIES, whose tests pin down
+# the tokenizers and defaults of the families above.
+WINDOWED_FAMILIES = ("modernbert", "gemma3")
+ENCODER_FAMILIES = frozenset({"bert", "xlm-roberta", "mpnet", "modernbert"})
+# Mean-pooled by default, as their embedders are (gte-modernbert reads CLS; modernbert-embed and
+# EmbeddingGemma take the mean).
+MEAN_POOLED = ENCODER_FAMILIES | {"gemma3"}
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 PROMPTS = {"query": "Instruct: Given a query, retrieve passages\nQuery: ", "document": ""}
 
@@ -112,9 +118,9 @@ def build_tiny_model(
     """
     from transformers import AutoConfig, AutoModel
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    pooling = pooling or ("mean" if family in ENCODER_FAMILIES else "lasttoken")
+    if family not in FAMILIES + WINDOWED_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + WINDOWED_FAMILIES}")
+    pooling = pooling or ("mean" if family in MEAN_POOLED else "lasttoken")
     if pooling not in POOLING_MODES:
         raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_MODES}")
     dest.mkdir(parents=True, exist_ok=True)
@@ -616,6 +622,46 @@ _TOKENIZERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     "qwen3": partial(_qwen_tokenizer, "left"),
     "llama": _llama_tokenizer,
     "mistral": _mistral_tokenizer,
+    # The forwards do not depend on the tokenizer: these stand in for ModernBERT's BPE with [CLS]
+    # and [SEP], and Gemma's SentencePiece with <bos> and <eos>.
+    "modernbert": lambda: (
+        _wordpiece_tokenizer("bert")[0],
+        {"model_input_names": ["input_ids", "attention_mask"]},
+    ),
+    "gemma3": _llama_tokenizer,
+}
+# Windows shorter than the test texts, so that local layers differ from global ones.
+_WINDOWED_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Three layers, a global one every three: the last layer is local.
+    "modernbert": (
+        "modernbert",
+        {
+            **_ENCODER_SHAPE,
+            "num_hidden_layers": 3,
+            "max_position_embeddings": _ENCODER_MAX_LEN,
+            "local_attention": 16,
+            "global_attn_every_n_layers": 3,
+            "norm_eps": 1e-5,
+        },
+    ),
+    # EmbeddingGemma's traits: bidirectional, head_dim and query_pre_attn_scalar set apart.
+    "gemma3": (
+        "gemma3_text",
+        {
+            **_DECODER_SHAPE,
+            "num_hidden_layers": 3,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "use_bidirectional_attention": True,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        },
+    ),
 }
 # Per-family departures from the shared decoder shape, each one something real checkpoints do.
 _DECODER_EXTRAS: dict[str, dict[str, Any]] = {
@@ -630,13 +676,24 @@ _DECODER_EXTRAS: dict[str, dict[str, Any]] = {
 
 
 def _model_config(family: str, tokenizer: Any) -> tuple[str, dict[str, Any]]:
-    if family in ENCODER_FAMILIES:
-        return _encoder_config(family, tokenizer)
     special_ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    if family in _WINDOWED_CONFIGS:
+        model_type, config = _WINDOWED_CONFIGS[family]
+        cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+        ids = {"cls_token_id": cls, "sep_token_id": sep, "bos_token_id": cls, "eos_token_id": sep}
+        ids = ids if family == "modernbert" else special_ids
+        return model_type, {
+            **config,
+            **ids,
+            "pad_token_id": tokenizer.pad_token_id,
+            "vocab_size": len(tokenizer),
+        }
+    if family in ENCODER_FAMILIES:
+        return _encoder_config(family, tokenizer)
     # Decoders round the embedding table up past the tokenizer (Qwen's 151936 rows for 151665
     # tokens), so a loader must take the vocabulary size from config.json.
     vocab_size = math.ceil(len(tokenizer) / 64) * 64

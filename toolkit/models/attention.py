@@ -8,7 +8,8 @@ one run of similar lengths at a time; only attention sees padding, every other l
 packed tokens.
 
 With `query_rows`, only one token per sequence attends (the keys are still every token): a last
-layer whose output is pooled from one token (CLS, last token) needs nothing else.
+layer whose output is pooled from one token (CLS, last token) needs nothing else. With `window`,
+a token attends only to tokens at most that far away (ModernBERT's and Gemma3's local layers).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,11 @@ def packed_attention(
     causal: bool,
     bias: torch.Tensor | None = None,  # [Hq, L, L] additive, shared by all sequences
     query_rows: torch.Tensor | None = None,  # [B] int64, one token of each sequence, in order
+    window: int | None = None,  # the largest distance between a query and its keys
+    scale: float | None = None,  # of the scores; None: 1/sqrt(d)
 ) -> torch.Tensor:  # [T, Hq, d], or [B, Hq, d] with query_rows
+    if query_rows is not None and window is not None:
+        raise ValueError("a windowed layer computes every token: the models pass no rows to one")
     if query_rows is not None:
         # Under causal attention the rows must be each sequence's last token, which sees its
         # whole sequence: so no causal mask is needed (the models only ask for that case).
@@ -43,10 +49,11 @@ def packed_attention(
     if bias is None and q.is_cuda and q.dtype != torch.float32:
         varlen = _varlen_kernel(q.device, q.dtype, q.shape[-1])
         if varlen is not None:
-            return varlen(q, k, v, batch, causal)
+            return varlen(q, k, v, batch, causal, window, scale)
+    shape = _Shape(causal, window, scale)
     groups = batch.length_groups
     if len(groups) == 1:
-        return _padded_sdpa(q, k, v, batch, causal=causal, bias=bias, query_rows=query_rows)
+        return _padded_sdpa(q, k, v, batch, shape, bias=bias, query_rows=query_rows)
     # Each run of similar lengths is padded on its own: far less padding than one layout for
     # all (the runner packs batches longest first, so neighbours have similar lengths).
     outputs = []
@@ -57,16 +64,29 @@ def packed_attention(
         group_bias = None if bias is None else bias[:, : sub.max_seqlen, : sub.max_seqlen]
         outputs.append(
             _padded_sdpa(
-                group_q,
-                k[group.tokens],
-                v[group.tokens],
-                sub,
-                causal=causal,
-                bias=group_bias,
-                query_rows=group_rows,
+                group_q, k[group.tokens], v[group.tokens], sub, shape, bias=group_bias, query_rows=group_rows
             )
         )
     return torch.cat(outputs)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Which keys a query sees (all before it when causal; those within `window`), and the scale."""
+
+    causal: bool
+    window: int | None
+    scale: float | None
+
+    def mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """[L, L] bool, or None where every key is seen. Built here, not cached: a CUDA graph
+        would keep reading a cached mask's memory after the cache let it go."""
+        if not self.causal and self.window is None:
+            return None
+        positions = torch.arange(length, device=device)
+        distance = positions[:, None] - positions[None, :]  # query minus key
+        mask = distance >= 0 if self.causal else torch.ones_like(distance, dtype=torch.bool)
+        return mask if self.window is None else mask & (distance.abs() <= self.window)
 
 
 def _padded_sdpa(
@@ -74,8 +94,8 @@ def _padded_sdpa(
     k: torch.Tensor,
     v: torch.Tensor,
     batch: PackedBatch,
+    shape: _Shape,
     *,
-    causal: bool,
     bias: torch.Tensor | None,
     query_rows: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -92,11 +112,10 @@ def _padded_sdpa(
         return padded.view(num_seqs, length, x.shape[1], x.shape[2]).transpose(1, 2)
 
     mask = None if single else batch.key_padding_mask[:, None, None, :]  # [B, 1, 1, L]
-    if causal:
-        # Built here, not cached: a CUDA graph would keep reading a cached mask's memory after
-        # the cache let it go.
-        causal_mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        mask = causal_mask if mask is None else mask & causal_mask
+    # query_rows come only where every key is seen (see packed_attention).
+    seen = shape.mask(length, q.device) if query_rows is None else None
+    if seen is not None:
+        mask = seen if mask is None else mask & seen
     attn_mask = mask
     if bias is not None:
         rows = bias[None]  # [1, H, L, L]
@@ -108,7 +127,7 @@ def _padded_sdpa(
     gqa = q.shape[1] != k.shape[1]
     queries = q[:, :, None] if query_rows is not None else to_padded(q)  # [B, H, 1 or L, d]
     out = F.scaled_dot_product_attention(
-        queries, to_padded(k), to_padded(v), attn_mask=attn_mask, enable_gqa=gqa
+        queries, to_padded(k), to_padded(v), attn_mask=attn_mask, enable_gqa=gqa, scale=shape.scale
     )
     if query_rows is not None:
         return out[:, :, 0]
@@ -116,7 +135,9 @@ def _padded_sdpa(
     return out if single else out[batch.padded_index]
 
 
-VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch, bool], torch.Tensor]
+VarlenKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch, bool, int | None, float | None], torch.Tensor
+]
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,14 +165,25 @@ def _varlen_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> V
         return None
 
     def run(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, causal: bool
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: PackedBatch,
+        causal: bool,
+        window: int | None,
+        scale: float | None,
     ) -> torch.Tensor:
         cu_k, max_k = batch.cu_seqlens, batch.max_seqlen
         cu_q, max_q = cu_k, max_k
         if q.shape[0] != k.shape[0]:  # one query per sequence (query_rows)
             cu_q, max_q = batch.one_per_sequence, 1
         # (query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout, causal, debug mask)
-        output: torch.Tensor = flash(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)[0]
+        sides = {}
+        if window is not None:  # flash's window: keys from i - left to i + right
+            sides = {"window_size_left": window, "window_size_right": 0 if causal else window}
+        output: torch.Tensor = flash(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale, **sides
+        )[0]
         return output
 
     return run

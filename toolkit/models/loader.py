@@ -13,13 +13,16 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from toolkit.errors import ModelLoadError
 from toolkit.models.base import LoadedModel
 from toolkit.models.classifier import PairClassifier, head_state_dict
 from toolkit.models.decoder import Decoder, DecoderConfig, decoder_state_dict
 from toolkit.models.encoder import Encoder, EncoderConfig, encoder_state_dict
+from toolkit.models.gemma3 import Gemma3, Gemma3Config, gemma3_state_dict
 from toolkit.models.hf_fallback import load_transformers_model
+from toolkit.models.modernbert import ModernBert, ModernBertConfig, modernbert_state_dict
 from toolkit.models.registry import family_of, num_labels
 from toolkit.models.short_batch_linear import pack_linear_weights
 from toolkit.models.sparse import SpladeEncoder, mlm_head_state_dict
@@ -28,6 +31,14 @@ from toolkit.models.static import MAX_INPUT_TOKENS, is_static_checkpoint, load_s
 logger = logging.getLogger(__name__)
 
 _PROGRESS_FROM_BYTES = 2**30
+
+# The families other than BERT-like encoders: config, module, checkpoint renaming, and a tensor
+# name every checkpoint of the family ends with (its prefix is stripped).
+_FAMILIES: dict[str, tuple[Any, Any, Any, str]] = {
+    "decoder": (DecoderConfig, Decoder, decoder_state_dict, "embed_tokens.weight"),
+    "modernbert": (ModernBertConfig, ModernBert, modernbert_state_dict, "embeddings.tok_embeddings.weight"),
+    "gemma3": (Gemma3Config, Gemma3, gemma3_state_dict, "embed_tokens.weight"),
+}
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -71,8 +82,9 @@ def _load_native(
     classifier: bool,
     splade: tuple[str, str] | None,
 ) -> LoadedModel:
-    module: Encoder | Decoder | PairClassifier | SpladeEncoder
-    encoder = family_of(hf["model_type"]) == "encoder"
+    module: nn.Module
+    family = family_of(hf["model_type"])
+    encoder = family == "encoder"
     if encoder:
         enc_cfg = EncoderConfig.from_hf(hf)
         raw = _read_safetensors(model_dir)
@@ -94,12 +106,13 @@ def _load_native(
             state = {f"encoder.{key}": value for key, value in state.items()} | head
             dim = enc_cfg.vocab_size
     else:
-        dec_cfg = DecoderConfig.from_hf(hf)
-        weights = _strip_prefix(_read_safetensors(model_dir), "embed_tokens.weight")
+        config_type, module_type, state_dict, anchor = _FAMILIES[family]
+        cfg = config_type.from_hf(hf)
+        weights = _strip_prefix(_read_safetensors(model_dir), anchor)
         with torch.device("meta"):
-            module = Decoder(dec_cfg)
-        state = decoder_state_dict(weights, dec_cfg)
-        dim, max_tokens = dec_cfg.dim, dec_cfg.max_input_tokens
+            module = module_type(cfg)
+        state = state_dict(weights, cfg)
+        dim, max_tokens = cfg.dim, cfg.max_input_tokens
     module.load_state_dict(state, strict=True, assign=True)
     module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if device.type == "cpu" and pack_linear_weights(module):
@@ -111,7 +124,7 @@ def _load_native(
         max_input_tokens=max_tokens,
         implementation="native",
         compile_pays_off=True,
-        compile_needs_graphs=encoder,
+        compile_needs_graphs=family != "decoder",
         row_pooling_modes=module.row_pooling_modes,
         pools_itself=splade is not None,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-Family = Literal["encoder", "decoder"]
+Family = Literal["encoder", "decoder", "modernbert", "gemma3"]
 
 FAMILIES: dict[str, Family] = {
     "bert": "encoder",
@@ -20,6 +20,8 @@ FAMILIES: dict[str, Family] = {
     "mistral": "decoder",
     "qwen2": "decoder",
     "qwen3": "decoder",
+    "modernbert": "modernbert",
+    "gemma3_text": "gemma3",
 }
 
 

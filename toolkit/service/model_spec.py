@@ -262,7 +262,7 @@ def _pooling_modes(pooling_cfg: dict[str, Any], hf_cfg: dict[str, Any]) -> tuple
 
 
 def _default_pooling(hf_cfg: dict[str, Any]) -> tuple[str, ...]:
-    is_decoder = family_of(hf_cfg.get("model_type")) == "decoder"
+    is_decoder = family_of(hf_cfg.get("model_type")) in ("decoder", "gemma3")
     return ("lasttoken",) if is_decoder else ("mean",)
 
 
