@@ -163,7 +163,7 @@ def classifier_dir(family: str, dest: Path, labels: int = 1) -> Path:
 
 @pytest.mark.parametrize(
     ("family", "labels", "message"),
-    [("qwen2", 1, "not served yet"), ("bert", 3, "has 3 labels")],
+    [("modernbert", 1, "not served yet"), ("qwen2", 1, "bidirectional"), ("bert", 3, "has 3 labels")],
 )
 def test_cross_encoders_we_cannot_score_are_refused_at_start(
     family: str, labels: int, message: str, tmp_path: Path
@@ -173,6 +173,24 @@ def test_cross_encoders_we_cannot_score_are_refused_at_start(
 
     with pytest.raises(ModelLoadError, match=message):
         read_embedding_spec(classifier_dir(family, tmp_path, labels))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_decoder_classifiers_score_as_cross_encoder_predict(family: str, tmp_path: Path) -> None:
+    """Qwen3-Reranker's sequence-classification conversions: the last token that is not padding
+    (the tiny Qwen3 appends its pad token, as transformers must skip) through `score`."""
+    from sentence_transformers import CrossEncoder
+
+    path = classifier_dir(family, tmp_path)
+    client = start_test_client(["--model-path", str(path)])
+    try:
+        answer = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS})
+    finally:
+        client.__exit__(None, None, None)
+    assert answer.status_code == 200, answer.text
+    got = {result["index"]: result["relevance_score"] for result in answer.json()["results"]}
+    expected = CrossEncoder(str(path), device="cpu").predict([(QUERY, doc) for doc in DOCUMENTS])
+    assert np.abs(np.array([got[i] for i in range(len(DOCUMENTS))]) - expected).max() <= 1e-5
 
 
 def test_a_bi_encoder_on_a_classifier_checkpoint_still_embeds(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ SCORE_PATHS = ("/v1/score", "/score")
 def add_retrieval_routes(app: FastAPI, state: ServerState, authorized: list[Depends]) -> None:
     async def rerank(request: Request) -> Response:
         body = await parse_body(request, RerankRequest, limits_of(state), ("documents",))
-        truncation = Truncation(body.truncate, body.truncation_side)
+        truncation = Truncation(body.truncate, body.truncation_side, body.instruction)
         with state.admission.admit(request.client):
             check_model(state, body.model)
             scores = await run_service(
@@ -48,7 +48,7 @@ def add_retrieval_routes(app: FastAPI, state: ServerState, authorized: list[Depe
 
     async def score(request: Request) -> Response:
         body = await parse_body(request, ScoreRequest, limits_of(state), ("text_1", "text_2"))
-        truncation = Truncation(body.truncate, body.truncation_side)
+        truncation = Truncation(body.truncate, body.truncation_side, body.instruction)
         with state.admission.admit(request.client):
             check_model(state, body.model)
             scores = await run_service(

@@ -66,6 +66,7 @@ class RerankRequest(BaseModel):
     return_documents: StrictBool = True
     truncate: StrictBool | None = None
     truncation_side: Side | None = None
+    instruction: StrictStr | None = None  # a decoder reranker's task (Qwen3-Reranker's Instruct)
 
 
 class ScoreRequest(BaseModel):
@@ -78,6 +79,7 @@ class ScoreRequest(BaseModel):
     model: StrictStr | None = None
     truncate: StrictBool | None = None
     truncation_side: Side | None = None
+    instruction: StrictStr | None = None
 
 
 class CohereEmbedRequest(BaseModel):

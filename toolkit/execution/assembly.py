@@ -20,7 +20,7 @@ from toolkit.execution.kernel_builder import build_short_batch_kernels
 from toolkit.execution.memory import trim_when_idle
 from toolkit.execution.runner import Runner, RunnerStats
 from toolkit.models.base import LoadedModel
-from toolkit.models.loader import load_model
+from toolkit.models.loader import Head, load_model
 from toolkit.scheduling.batcher import Batcher
 from toolkit.scheduling.work import WorkItem
 from toolkit.server_args import ServerArgs
@@ -57,9 +57,7 @@ def _load_on_device_thread(
 ) -> tuple[InferenceService, torch.nn.Module]:
     dtype = pick_dtype(args.dtype, device)
     started = time.perf_counter()
-    sparse = files.spec.sparse
-    splade = (sparse.pooling, sparse.activation) if sparse is not None else None
-    model = load_model(files.spec.transformer_dir, device, dtype, files.spec.is_cross_encoder, splade)
+    model = load_model(files.spec.transformer_dir, device, dtype, _head(files.spec))
     logger.info(
         "Loaded the weights in %.2f s: %s (%s) in %s on %s.",
         time.perf_counter() - started,
@@ -91,6 +89,17 @@ def _load_on_device_thread(
     dim = model.hidden_size * (1 if model.pools_itself else len(spec.pooling_modes))
     dim = spec.vector_modules[-1].out_features if spec.vector_modules else dim
     return InferenceService(batcher, files.tokenizer, spec, limits, dim), model.module
+
+
+def _head(spec: EmbeddingSpec) -> Head:
+    """What reads the model's states, as the spec says."""
+    sparse, prompted = spec.sparse, spec.prompted
+    tokens = () if prompted is None else (prompted.true_token, prompted.false_token)
+    return Head(
+        classifier=spec.is_cross_encoder,
+        splade=(sparse.pooling, sparse.activation) if sparse is not None else None,
+        scored_tokens=tuple(token for token in tokens if token is not None),
+    )
 
 
 def _compile_wanted(args: ServerArgs, device: torch.device, model: LoadedModel, spec: EmbeddingSpec) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from torch import nn
 
 from toolkit.errors import ModelLoadError
 from toolkit.models.base import LoadedModel
-from toolkit.models.classifier import PairClassifier, head_state_dict
+from toolkit.models.classifier import BODY as _BODY
+from toolkit.models.classifier import PairClassifier, TokenScorer, head_state_dict
 from toolkit.models.decoder import Decoder, DecoderConfig, decoder_state_dict
 from toolkit.models.encoder import Encoder, EncoderConfig, encoder_state_dict
 from toolkit.models.gemma3 import Gemma3, Gemma3Config, gemma3_state_dict
@@ -32,9 +34,10 @@ logger = logging.getLogger(__name__)
 
 _PROGRESS_FROM_BYTES = 2**30
 
-# The families other than BERT-like encoders: config, module, checkpoint renaming, and a tensor
-# name every checkpoint of the family ends with (its prefix is stripped).
+# Each family's config, module, checkpoint renaming, and a tensor name every checkpoint of the
+# family ends with (its prefix is stripped).
 _FAMILIES: dict[str, tuple[Any, Any, Any, str]] = {
+    "encoder": (EncoderConfig, Encoder, encoder_state_dict, "embeddings.word_embeddings.weight"),
     "decoder": (DecoderConfig, Decoder, decoder_state_dict, "embed_tokens.weight"),
     "modernbert": (ModernBertConfig, ModernBert, modernbert_state_dict, "embeddings.tok_embeddings.weight"),
     "gemma3": (Gemma3Config, Gemma3, gemma3_state_dict, "embed_tokens.weight"),
@@ -49,15 +52,21 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
+@dataclass(frozen=True)
+class Head:
+    """What reads the model's states, as the spec decides: nothing (token states for pooling), a
+    cross-encoder's classification head (`classifier`), SPLADE over the masked-language-model
+    head with its (pooling, activation), or a causal LM's logits of `scored_tokens` (a decoder
+    reranker: true, then false)."""
+
+    classifier: bool = False
+    splade: tuple[str, str] | None = None
+    scored_tokens: tuple[int, ...] = ()
+
+
 def load_model(
-    model_dir: Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    classifier: bool = False,
-    splade: tuple[str, str] | None = None,
+    model_dir: Path, device: torch.device, dtype: torch.dtype, head: Head | None = None
 ) -> LoadedModel:
-    """`classifier`: a cross-encoder, read through its classification head; `splade`: SPLADE over
-    the masked-language-model head, with its (pooling, activation). The spec decides both."""
     if is_static_checkpoint(model_dir):
         module = load_static(model_dir).to(device=device, dtype=dtype).eval().requires_grad_(False)
         dim = module.tok_embeddings.embedding_dim
@@ -65,7 +74,7 @@ def load_model(
     hf = read_hf_config(model_dir)
     model_type = hf.get("model_type", "")
     if family_of(model_type) is not None:
-        return _load_native(model_dir, hf, device, dtype, classifier, splade)
+        return _load_native(model_dir, hf, device, dtype, head or Head())
     logger.warning(
         "No packed implementation for model_type=%r: falling back to transformers.AutoModel "
         "with padded batches.",
@@ -75,44 +84,17 @@ def load_model(
 
 
 def _load_native(
-    model_dir: Path,
-    hf: dict[str, Any],
-    device: torch.device,
-    dtype: torch.dtype,
-    classifier: bool,
-    splade: tuple[str, str] | None,
+    model_dir: Path, hf: dict[str, Any], device: torch.device, dtype: torch.dtype, head: Head
 ) -> LoadedModel:
-    module: nn.Module
-    family = family_of(hf["model_type"])
-    encoder = family == "encoder"
-    if encoder:
-        enc_cfg = EncoderConfig.from_hf(hf)
-        raw = _read_safetensors(model_dir)
-        weights = _strip_prefix(raw, "embeddings.word_embeddings.weight")
-        with torch.device("meta"):
-            module = Encoder(enc_cfg)
-        state = encoder_state_dict(weights, enc_cfg)
-        dim, max_tokens = enc_cfg.dim, enc_cfg.max_input_tokens
-        if classifier:
-            labels = num_labels(hf)
-            with torch.device("meta"):
-                module = PairClassifier(module, labels)
-            state = {f"encoder.{key}": value for key, value in state.items()} | head_state_dict(raw)
-            dim = labels
-        elif splade is not None:
-            with torch.device("meta"):
-                module = SpladeEncoder(module, *splade)
-            head = mlm_head_state_dict(raw, weights["embeddings.word_embeddings.weight"])
-            state = {f"encoder.{key}": value for key, value in state.items()} | head
-            dim = enc_cfg.vocab_size
-    else:
-        config_type, module_type, state_dict, anchor = _FAMILIES[family]
-        cfg = config_type.from_hf(hf)
-        weights = _strip_prefix(_read_safetensors(model_dir), anchor)
-        with torch.device("meta"):
-            module = module_type(cfg)
-        state = state_dict(weights, cfg)
-        dim, max_tokens = cfg.dim, cfg.max_input_tokens
+    family = family_of(hf["model_type"]) or ""
+    raw = _read_safetensors(model_dir)
+    config_type, module_type, state_dict, anchor = _FAMILIES[family]
+    cfg = config_type.from_hf(hf)
+    weights = _strip_prefix(raw, anchor)
+    with torch.device("meta"):
+        module: nn.Module = module_type(cfg)
+    state = state_dict(weights, cfg)
+    module, state, dim = _with_head(module, state, raw, weights[anchor], hf, head)
     module.load_state_dict(state, strict=True, assign=True)
     module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if device.type == "cpu" and pack_linear_weights(module):
@@ -121,13 +103,51 @@ def _load_native(
         forward=module,
         module=module,
         hidden_size=dim,
-        max_input_tokens=max_tokens,
+        max_input_tokens=cfg.max_input_tokens,
         implementation="native",
         compile_pays_off=True,
         compile_needs_graphs=family != "decoder",
         row_pooling_modes=module.row_pooling_modes,
-        pools_itself=splade is not None,
+        pools_itself=head.splade is not None,
     )
+
+
+def _with_head(
+    body: nn.Module,
+    state: dict[str, torch.Tensor],
+    raw: dict[str, torch.Tensor],
+    embeddings: torch.Tensor,
+    hf: dict[str, Any],
+    head: Head,
+) -> tuple[nn.Module, dict[str, torch.Tensor], int]:
+    """The model with the head that reads it, its tensors, and the width of what it returns."""
+    nested = {f"{_BODY}.{key}": value for key, value in state.items()}
+    with torch.device("meta"):
+        if head.classifier and not isinstance(body, Encoder):
+            rows = _scoring_rows(raw, embeddings, head.scored_tokens)
+            return TokenScorer(body, rows.shape[0]), nested | {"rows.weight": rows}, 1
+        if head.classifier:
+            labels = num_labels(hf)
+            return PairClassifier(body, labels), nested | head_state_dict(raw), labels
+        if head.splade is not None:
+            module = SpladeEncoder(body, *head.splade)
+            return module, nested | mlm_head_state_dict(raw, embeddings), module.body.cfg.vocab_size
+    return body, state, body.cfg.dim
+
+
+def _scoring_rows(
+    raw: dict[str, torch.Tensor], embeddings: torch.Tensor, tokens: tuple[int, ...]
+) -> torch.Tensor:
+    """A decoder reranker's LM-head rows of its scored tokens (the head may be tied to the
+    embeddings), or a decoder classifier's one-label `score` layer."""
+    if tokens:
+        return raw.get("lm_head.weight", embeddings)[list(tokens)]
+    score = next(
+        (value for key, value in raw.items() if key == "score.weight" or key.endswith(".score.weight")), None
+    )
+    if score is None or score.shape[0] != 1:
+        raise ModelLoadError("no one-label 'score' layer in this sequence-classification checkpoint")
+    return score
 
 
 def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -35,24 +35,24 @@ class SpladeEncoder(nn.Module):
 
     row_pooling_modes: frozenset[str] = frozenset()
 
-    def __init__(self, encoder: Encoder, pooling: str, activation: str) -> None:
+    def __init__(self, body: Encoder, pooling: str, activation: str) -> None:
         super().__init__()
-        self.encoder = encoder
-        cfg = encoder.cfg
+        self.body = body
+        cfg = body.cfg
         self.head = MaskedLMHead(cfg.dim, cfg.vocab_size, cfg.norm_eps)
         self.pooling, self.activation = pooling, activation
 
     @property
     def tok_embeddings(self) -> nn.Embedding:
-        return self.encoder.tok_embeddings
+        return self.body.tok_embeddings
 
     def compile_blocks(self) -> None:
-        self.encoder.compile_blocks()
+        self.body.compile_blocks()
 
     def forward(self, batch: PackedBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.encoder(batch)
+        hidden = self.body(batch)
         # Every transformed score is ≥ 0 and padding adds none, so zeros start both max and sum.
-        out = torch.zeros(batch.num_seqs, self.encoder.cfg.vocab_size, device=hidden.device)
+        out = torch.zeros(batch.num_seqs, self.body.cfg.vocab_size, device=hidden.device)
         for start in range(0, hidden.shape[0], SCORE_BLOCK_ROWS):
             scores = self.head(hidden[start : start + SCORE_BLOCK_ROWS]).float().relu_().log1p_()
             if self.activation == "log1p_relu":

@@ -19,6 +19,7 @@ from toolkit.errors import ContextLengthExceededError, InvalidRequestError, Requ
 from toolkit.scheduling.timing import RequestTiming
 from toolkit.scheduling.work import BatchQueue, WorkItem
 from toolkit.service.model_spec import EmbeddingSpec
+from toolkit.service.pair_prompts import PairPrompter
 from toolkit.service.sparse import QueryRoute, keep_top, route_of
 from toolkit.service.tokenization import TextTokenizer
 from toolkit.service.validation import (
@@ -75,6 +76,7 @@ class PairsRequest:
     param: str = "documents"
     truncate: bool | None = None
     first_param: str = "query"
+    instruction: str | None = None  # a decoder reranker's task, where its prompt takes one
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class InferenceService:
         self._foreign_ids_warned = -FOREIGN_IDS_WARNING_EVERY_S
         sparse = spec.sparse
         self.query_route = QueryRoute(sparse, embedding_dim) if sparse and sparse.query_dir else None
+        self.prompter = PairPrompter(spec.prompted, tokenizer) if spec.prompted else None
         self.max_text_chars = limits.context_length * tokenizer.max_token_chars * CHARS_PER_TOKEN_BOUND
 
     # --- lifecycle: on the event loop that will serve requests ---
@@ -204,8 +207,17 @@ class InferenceService:
         )
         pairs = list(zip(firsts * len(seconds) if len(firsts) == 1 else firsts, seconds, strict=True))
         limit = self.limits.context_length
+        prompter = self.prompter
+        if request.instruction is not None and prompter is None:
+            raise InvalidRequestError(
+                "only a decoder reranker's prompt takes an instruction", param="instruction"
+            )
 
         def encode() -> list[tuple[list[int], int]]:
+            if prompter is not None:
+                return [
+                    (ids, 0) for ids in prompter.encode(pairs, limit, bool(truncate), request.instruction)
+                ]
             return self.tokenizer.encode_pairs(pairs, limit if truncate else None)
 
         chars = sum(len(a) + len(b) for a, b in pairs)
@@ -218,6 +230,9 @@ class InferenceService:
                 'shorten them or send "truncate": true',
                 param=request.param,
             )
+        skips = self.spec.score_skips
+        if skips is not None:  # causal: the tokens after the one read change nothing, so drop them
+            encoded = [(_strip_trailing(ids, skips), segment) for ids, segment in encoded]
         return [WorkItem(ids, 0, segment) for ids, segment in encoded]
 
     async def tokenize(self, raw: object, add_special_tokens: bool | None = None) -> list[list[int]]:
@@ -359,6 +374,13 @@ class InferenceService:
                 param=param,
             )
         return ids
+
+
+def _strip_trailing(ids: list[int], token: int) -> list[int]:
+    end = len(ids)
+    while end > 1 and ids[end - 1] == token:
+        end -= 1
+    return ids[:end]
 
 
 def activated(logits: np.ndarray, activation: str) -> np.ndarray:

@@ -6,12 +6,14 @@ and a non-zero exit) and in every front-end process.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from toolkit.errors import ModelLoadError
 from toolkit.service.model_source import resolve_model_dir
-from toolkit.service.model_spec import EmbeddingSpec, read_embedding_spec
+from toolkit.service.model_spec import EmbeddingSpec, decoder_reranker_fields, read_embedding_spec
+from toolkit.service.pair_prompts import qwen3_reranker
 from toolkit.service.tokenization import TextTokenizer
 
 
@@ -37,11 +39,10 @@ def read_model_files(
     if not (model_dir / "config.json").is_file() and not (model_dir / "modules.json").is_file():
         raise ModelLoadError(f"{model_dir} holds neither config.json nor modules.json")
     spec = read_embedding_spec(model_dir)
+    tokenizer_dir = resolve_model_dir(tokenizer_path) if tokenizer_path else spec.transformer_dir
+    tokenizer = TextTokenizer.from_dir(tokenizer_dir, special_tokens=not spec.static)
     if reranker and not spec.is_cross_encoder:
-        raise ModelLoadError(
-            f"--is-reranker: {model_dir} is not a cross-encoder (its config.json names no "
-            "*ForSequenceClassification architecture)"
-        )
+        spec = _causal_reranker(spec, tokenizer)
     if spec.is_cross_encoder and (pooling is not None or normalize is not None):
         raise ModelLoadError(
             f"{model_dir} is a cross-encoder: it reads its first token and is not normalized, so "
@@ -56,6 +57,16 @@ def read_model_files(
         spec = replace(spec, pooling_modes=(pooling,))
     if normalize is not None:
         spec = replace(spec, normalize=normalize)
-    tokenizer_dir = resolve_model_dir(tokenizer_path) if tokenizer_path else spec.transformer_dir
-    tokenizer = TextTokenizer.from_dir(tokenizer_dir, special_tokens=not spec.static)
     return ModelFiles(model_dir, tokenizer_dir, spec, tokenizer)
+
+
+def _causal_reranker(spec: EmbeddingSpec, tokenizer: TextTokenizer) -> EmbeddingSpec:
+    """--is-reranker on a plain causal LM folder: the Qwen3-Reranker model card's recipe."""
+    config = spec.transformer_dir / "config.json"
+    hf_cfg = json.loads(config.read_text()) if config.is_file() else {}
+    if not any(str(name).endswith("ForCausalLM") for name in hf_cfg.get("architectures") or ()):
+        raise ModelLoadError(
+            f"--is-reranker: {spec.transformer_dir} is not a cross-encoder (its config.json names no "
+            "*ForSequenceClassification or *ForCausalLM architecture)"
+        )
+    return replace(spec, **decoder_reranker_fields(qwen3_reranker(tokenizer), hf_cfg, {}))

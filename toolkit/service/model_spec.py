@@ -18,6 +18,7 @@ from typing import Any
 
 from toolkit.errors import ModelLoadError
 from toolkit.models.registry import family_of, is_classifier, num_labels
+from toolkit.service.pair_prompts import PromptedPairs, read_logit_score
 from toolkit.service.sparse_spec import SparseSpec, read_sparse_spec
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,15 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-_IGNORED_MODULES = ("Transformer", "StaticEmbedding", "Pooling", "Dense", "LayerNorm", "Normalize")
+_IGNORED_MODULES = (
+    "Transformer",
+    "StaticEmbedding",
+    "Pooling",
+    "Dense",
+    "LayerNorm",
+    "Normalize",
+    "LogitScore",
+)
 VECTOR_MODULES = ("Dense", "LayerNorm")
 # sentence-transformers' Dense activations (saved as class paths) that the server applies.
 DENSE_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid")
@@ -72,6 +81,10 @@ class EmbeddingSpec:
     activation: str = "identity"
     # A sparse model ("sparse" task): SPLADE, and an inference-free model's query route.
     sparse: SparseSpec | None = None
+    # A decoder reranker: how a pair becomes one prompt, and the tokens its score reads.
+    prompted: PromptedPairs | None = None
+    # A decoder classifier reads the last token that is not this (its pad id), as transformers does.
+    score_skips: int | None = None
 
     @property
     def is_cross_encoder(self) -> bool:
@@ -89,30 +102,61 @@ def _cross_encoder_fields(hf_cfg: dict[str, Any], st_cfg: dict[str, Any]) -> dic
     if not is_classifier(hf_cfg) or st_cfg.get("model_type", "CrossEncoder") != "CrossEncoder":
         return {}
     model_type = hf_cfg.get("model_type")
-    if family_of(model_type) != "encoder":
+    family = family_of(model_type)
+    if family not in ("encoder", "decoder"):
         raise ModelLoadError(
             f"cross-encoders of model_type {model_type!r} are not served yet; BERT, RoBERTa, "
-            "XLM-RoBERTa and MPNet ones are"
+            "XLM-RoBERTa, MPNet, Llama, Mistral, Qwen2 and Qwen3 ones are"
         )
+    if family == "decoder" and hf_cfg.get("is_causal") is False:
+        # transformers reads the last token that is not padding, under attention that sees the
+        # tokens after it: one row of our packed forward cannot give that.
+        raise ModelLoadError("bidirectional decoder cross-encoders are not served yet; causal ones are")
     labels = num_labels(hf_cfg)
     if labels != 1:
         raise ModelLoadError(f"this cross-encoder has {labels} labels; ranking and scoring need one")
-    legacy = _dict_or_empty(hf_cfg.get("sentence_transformers"))
-    saved = st_cfg.get("activation_fn") or legacy.get("activation_fn")
-    activation = "sigmoid" if labels == 1 else "identity"
-    if saved is not None:
-        name = str(saved).rsplit(".", 1)[-1]
-        if name not in _ACTIVATIONS:
-            raise ModelLoadError(
-                f"unsupported cross-encoder activation {saved!r}; known: {list(_ACTIVATIONS)}"
-            )
-        activation = _ACTIVATIONS[name]
     return {
-        "pooling_modes": ("cls",),
+        # A decoder classifier reads its last token, as transformers' *ForSequenceClassification do.
+        "pooling_modes": ("cls",) if family == "encoder" else ("lasttoken",),
         "normalize": False,
         "task": "rerank",
         "labels": labels,
-        "activation": activation,
+        "activation": _activation(hf_cfg, st_cfg),
+        "score_skips": hf_cfg.get("pad_token_id") if family == "decoder" else None,
+    }
+
+
+def _activation(hf_cfg: dict[str, Any], st_cfg: dict[str, Any]) -> str:
+    """A one-label cross-encoder's activation: the saved one, else sentence-transformers' sigmoid."""
+    legacy = _dict_or_empty(hf_cfg.get("sentence_transformers"))
+    saved = st_cfg.get("activation_fn") or legacy.get("activation_fn")
+    if saved is None:
+        return "sigmoid"
+    name = str(saved).rsplit(".", 1)[-1]
+    if name not in _ACTIVATIONS:
+        raise ModelLoadError(f"unsupported cross-encoder activation {saved!r}; known: {list(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def decoder_reranker_fields(
+    pairs: PromptedPairs, hf_cfg: dict[str, Any], st_cfg: dict[str, Any]
+) -> dict[str, Any]:
+    """A decoder reranker's spec fields: its last token, scored through `pairs`' tokens."""
+    model_type = hf_cfg.get("model_type")
+    if family_of(model_type) != "decoder":
+        raise ModelLoadError(
+            f"decoder rerankers of model_type {model_type!r} are not served; Llama, Mistral, Qwen2 "
+            "and Qwen3 causal LMs are"
+        )
+    if any(st_cfg.get("prompts") or {}):
+        raise ModelLoadError("cross-encoder prompts are not served yet; this reranker saves some")
+    return {
+        "pooling_modes": ("lasttoken",),
+        "normalize": False,
+        "task": "rerank",
+        "labels": 1,
+        "activation": _activation(hf_cfg, st_cfg),
+        "prompted": pairs,
     }
 
 
@@ -153,6 +197,11 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
         "pooling_modes": _pooling_modes(pooling_cfg, hf_cfg),
         "normalize": "Normalize" in by_kind,
     }
+    if "LogitScore" in by_kind:
+        pairs = read_logit_score(model_dir / by_kind["LogitScore"].get("path", ""), transformer_dir)
+        fields = decoder_reranker_fields(pairs, hf_cfg, st_cfg)
+    elif "Pooling" not in by_kind:
+        fields |= _cross_encoder_fields(hf_cfg, st_cfg)
     return EmbeddingSpec(
         transformer_dir=transformer_dir,
         include_prompt=bool(pooling_cfg.get("include_prompt", True)),
@@ -167,7 +216,7 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
         matryoshka_dimensions=_matryoshka(hf_cfg, st_cfg),
         vector_modules=_vector_modules(model_dir, modules),
         static=static,
-        **(fields | ({} if "Pooling" in by_kind else _cross_encoder_fields(hf_cfg, st_cfg))),
+        **fields,
     )
 
 

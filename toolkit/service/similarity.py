@@ -37,8 +37,11 @@ class Scores:
 
 @dataclass(frozen=True)
 class Truncation:
+    """How pairs are cut, and a decoder reranker's instruction (the request's pair options)."""
+
     truncate: bool | None = None
     side: str | None = None
+    instruction: str | None = None
 
 
 async def rank_documents(
@@ -50,8 +53,11 @@ async def rank_documents(
 ) -> Scores:
     """Each document's score against the query; the documents as texts."""
     texts = text_list(documents, "documents", service.limits.max_inputs_per_request, objects=True)
+    _check_instruction(service, truncation)
     if service.spec.is_cross_encoder:
-        pairs = PairsRequest([query], texts, "documents", truncation.truncate)
+        pairs = PairsRequest(
+            [query], texts, "documents", truncation.truncate, instruction=truncation.instruction
+        )
         result = await service.classify(pairs, timing)
         return Scores(result.embeddings, result.token_counts, texts)
     queries, docs = await _both(
@@ -80,8 +86,9 @@ async def score_pairs(
             "many as text_2",
             param="text_1",
         )
+    _check_instruction(service, truncation)
     if service.spec.is_cross_encoder:
-        pairs = PairsRequest(firsts, seconds, "text_2", truncation.truncate, first_param="text_1")
+        pairs = PairsRequest(firsts, seconds, "text_2", truncation.truncate, "text_1", truncation.instruction)
         result = await service.classify(pairs, timing)
         return Scores(result.embeddings, result.token_counts)
     left, right = await _both(
@@ -89,6 +96,13 @@ async def score_pairs(
         service.embed(_request(seconds, "text_2", (), service, truncation), timing),
     )
     return Scores(_similarity(service, left, right), _counts(left, right))
+
+
+def _check_instruction(service: InferenceService, truncation: Truncation) -> None:
+    if truncation.instruction is not None and service.spec.prompted is None:
+        raise InvalidRequestError(
+            "only a decoder reranker's prompt takes an instruction", param="instruction"
+        )
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -54,6 +54,11 @@ class TextTokenizer:
         special = self.special_tokens if add_special_tokens is None else add_special_tokens
         return [e.ids for e in self._encode_batch(self._plain, texts, special)]
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry, or None."""
+        found = self._plain.token_to_id(token)
+        return int(found) if found is not None else None
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """The text of token ids, special tokens written out unless skipped."""
         return str(self._plain.decode(ids, skip_special_tokens=skip_special_tokens))

@@ -1,0 +1,172 @@
+"""Decoder rerankers (Qwen3-Reranker and its kind): a sentence-transformers CrossEncoder folder over a
+causal LM (its chat template, then LogitScore) checked against `CrossEncoder.predict`, and a plain
+causal-LM folder served with --is-reranker checked against the Qwen3-Reranker model card's recipe,
+on tiny random Qwen3 models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers.api_calls import assert_openai_error
+from tests.helpers.model_zoo import build_tiny_model
+from tests.helpers.servers import start_test_client
+
+QUERY = "How do I keep my houseplants alive in winter?"
+DOCUMENTS = [
+    "The stock market closed higher on Friday after a week of losses.",
+    "Water indoor plants less often in winter and keep them away from cold drafts.",
+    "Le café était fermé, 東京は日本の首都です 🙂",
+    "ok",
+]
+LONG = "Houseplants need bright light during the short days of winter. " * 30
+# Written for these tests in the shape of Qwen3-Reranker's: a system turn, the pair in a user
+# turn, an assistant turn opened with an empty thought.
+CHAT_TEMPLATE = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<|im_start|>user\n<Instruct>: Given a web search query, retrieve relevant passages\n"
+    "{% for message in messages %}{% if message['role'] == 'query' %}<Query>: {{ message['content'] }}\n"
+    "{% else %}<Document>: {{ message['content'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+
+
+def build_causal_lm(dest: Path) -> Path:
+    """A tiny random Qwen3 causal LM whose vocabulary holds "yes" and "no"."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
+
+    base = build_tiny_model("qwen3", dest / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(["yes", "no"])
+    config = AutoConfig.from_pretrained(base)
+    assert len(tokenizer) <= config.vocab_size  # the table is rounded up past the tokenizer
+    config.architectures = ["Qwen3ForCausalLM"]
+    model = Qwen3ForCausalLM.from_pretrained(base, config=config)
+    generator = torch.Generator().manual_seed(5)
+    embeddings = model.get_input_embeddings().weight  # tied to the LM head
+    embeddings.data[len(tokenizer) - 2 : len(tokenizer)] = (
+        torch.randn(2, config.hidden_size, generator=generator) * 0.3
+    )
+    model.save_pretrained(dest / "causal")
+    tokenizer.save_pretrained(dest / "causal")
+    return dest / "causal"
+
+
+@pytest.fixture(scope="module")
+def causal_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_causal_lm(tmp_path_factory.mktemp("decoder-reranker"))
+
+
+@pytest.fixture(scope="module")
+def st_reranker(causal_lm: Path) -> Iterator[tuple[Any, Any]]:
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(causal_lm), device="cpu")
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    path = causal_lm.parent / "st"
+    model.save(str(path))
+    reference = CrossEncoder(str(path), device="cpu")
+    client = start_test_client(["--model-path", str(path)])
+    yield client, reference
+    client.__exit__(None, None, None)
+
+
+def ranked(answer: Any, count: int) -> np.ndarray:
+    assert answer.status_code == 200, answer.text
+    scores = np.zeros(count, dtype=np.float32)
+    for result in answer.json()["results"]:
+        scores[result["index"]] = result["relevance_score"]
+    return scores
+
+
+def test_chat_template_reranker_matches_cross_encoder(st_reranker) -> None:
+    client, reference = st_reranker
+    got = ranked(client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS}), len(DOCUMENTS))
+    expected = reference.predict([(QUERY, doc) for doc in DOCUMENTS])
+    assert np.abs(got - expected).max() <= 1e-5
+    assert client.get("/v1/models").json()["data"][0]["task"] == "rerank"
+
+
+def test_chat_template_pair_alone_scores_as_in_a_batch(st_reranker) -> None:
+    client, _ = st_reranker
+    alone = client.post("/v1/score", json={"text_1": QUERY, "text_2": [DOCUMENTS[1]]}).json()["data"]
+    mixed = client.post(
+        "/v1/score", json={"text_1": [QUERY, "a", QUERY], "text_2": [LONG[:80], "b", DOCUMENTS[1]]}
+    ).json()["data"]
+    assert abs(alone[0]["score"] - mixed[2]["score"]) <= 1e-6
+
+
+def test_chat_template_truncation_keeps_the_template_tail(st_reranker) -> None:
+    client, reference = st_reranker
+    refused = client.post("/v1/rerank", json={"query": QUERY, "documents": [LONG]})
+    assert assert_openai_error(refused, 400, "documents")["code"] == "context_length_exceeded"
+    cut = client.post("/v1/rerank", json={"query": QUERY, "documents": [LONG, "ok"], "truncate": True})
+    expected = reference.predict([(QUERY, LONG), (QUERY, "ok")])
+    assert np.abs(ranked(cut, 2) - expected).max() <= 1e-5
+
+
+def test_requests_a_decoder_reranker_cannot_serve_are_refused(st_reranker) -> None:
+    client, _ = st_reranker
+    assert_openai_error(client.post("/v1/embeddings", json={"input": "a"}), 400, "input")
+    chat = client.post("/v1/rerank", json={"query": QUERY, "documents": ["a"], "instruction": "Find it"})
+    assert_openai_error(chat, 400, "instruction")
+
+
+def model_card_scores(path: Path, pairs: list[tuple[str, str]], instruction: str | None = None) -> np.ndarray:
+    """The Qwen3-Reranker model card's transformers recipe, as its card writes it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    prefix = (
+        "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
+        'the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+    )
+    suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
+    suffix_ids = tokenizer.encode(suffix, add_special_tokens=False)
+    task = instruction or "Given a web search query, retrieve relevant passages that answer the query"
+    texts = [f"<Instruct>: {task}\n<Query>: {query}\n<Document>: {doc}" for query, doc in pairs]
+    inputs = tokenizer(texts, padding=False, truncation="longest_first", return_attention_mask=False)
+    inputs["input_ids"] = [prefix_ids + ids + suffix_ids for ids in inputs["input_ids"]]
+    padded = tokenizer.pad(inputs, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**padded).logits[:, -1, :]
+    scores = torch.log_softmax(torch.stack([logits[:, no], logits[:, yes]], dim=1), dim=1)
+    return scores[:, 1].exp().numpy()
+
+
+def test_plain_causal_lm_with_is_reranker_matches_the_model_card(causal_lm: Path) -> None:
+    pairs = [(QUERY, doc) for doc in DOCUMENTS]
+    client = start_test_client(["--model-path", str(causal_lm), "--is-reranker"])
+    try:
+        default = ranked(
+            client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS}), len(DOCUMENTS)
+        )
+        told = client.post(
+            "/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS, "instruction": "Find plants"}
+        )
+    finally:
+        client.__exit__(None, None, None)
+    assert np.abs(default - model_card_scores(causal_lm, pairs)).max() <= 1e-5
+    assert (
+        np.abs(ranked(told, len(DOCUMENTS)) - model_card_scores(causal_lm, pairs, "Find plants")).max()
+        <= 1e-5
+    )
+
+
+def test_a_causal_lm_without_the_flag_is_an_embedder(causal_lm: Path) -> None:
+    client = start_test_client(["--model-path", str(causal_lm)])
+    try:
+        task = client.get("/v1/models").json()["data"][0]["task"]
+        embedded = client.post("/v1/embeddings", json={"input": "a"})
+    finally:
+        client.__exit__(None, None, None)
+    assert task == "embed" and embedded.status_code == 200
