@@ -274,9 +274,11 @@ def device_limit_tokens_per_s(
     cfg = json.loads((model_dir / "config.json").read_text())
     d, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    head_dim = d // heads
+    head_dim = cfg.get("head_dim") or d // heads
     if cfg["model_type"] in ("bert", "xlm-roberta", "roberta", "mpnet"):
         linear = 4 * d * d + 2 * d * inter
+    elif cfg["model_type"] == "modernbert":  # GeGLU: the input product is twice as wide
+        linear = 4 * d * d + 3 * d * inter
     else:
         linear = d * (heads + 2 * kv) * head_dim + heads * head_dim * d + 3 * d * inter
     mean_len = sum(map(len, inputs)) / len(inputs)

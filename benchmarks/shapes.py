@@ -46,6 +46,47 @@ SHAPES: dict[str, dict[str, Any]] = {
         "pooling": "cls",
     },
 }
+# Alibaba-NLP/gte-modernbert-base: ModernBERT-base, CLS pooling, a global layer every three.
+SHAPES["modernbert-base"] = {
+    "architectures": ["ModernBertModel"],
+    "model_type": "modernbert",
+    "hidden_size": 768,
+    "intermediate_size": 1152,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 12,
+    "vocab_size": 50368,
+    "max_position_embeddings": 8192,
+    "local_attention": 128,
+    "global_attn_every_n_layers": 3,
+    "global_rope_theta": 160000.0,
+    "local_rope_theta": 10000.0,
+    "norm_eps": 1e-5,
+    "pad_token_id": 50283,
+    "pooling": "cls",
+}
+# google/embeddinggemma-300m's Gemma3 text model (bidirectional, mean pooling; its two Dense
+# layers after pooling are left out: a few hundred kFLOPs per input).
+SHAPES["embeddinggemma-300m"] = {
+    "architectures": ["Gemma3TextModel"],
+    "model_type": "gemma3_text",
+    "hidden_size": 768,
+    "intermediate_size": 1152,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 3,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "vocab_size": 262144,
+    "max_position_embeddings": 2048,
+    "sliding_window": 512,
+    "query_pre_attn_scalar": 256,
+    "use_bidirectional_attention": True,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "pad_token_id": 0,
+    "pooling": "mean",
+}
 # all-MiniLM-L6-v2 (the bundled model): a smaller BERT with mean pooling, for CPU runs where the
 # bundled package cannot go (a lent machine), with token-id inputs.
 SHAPES["minilm-l6"] = SHAPES["bert-base"] | {

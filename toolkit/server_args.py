@@ -28,6 +28,7 @@ class ServerArgs:
     is_embedding: bool = True
     is_reranker: bool = False
     dtype: str = "auto"
+    quantization: str = "none"
     device: str = "auto"
     context_length: int | None = None
     api_key: str | None = None

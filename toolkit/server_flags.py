@@ -124,6 +124,12 @@ def _model_flags(add: _FlagAdder) -> None:
         choices=["auto", "float32", "float16", "bfloat16"],
         help="weights and activations; auto: bfloat16 on CUDA, float32 (exact) on a CPU",
     )
+    add(
+        "--quantization",
+        default="none",
+        choices=["none", "fp8"],
+        help="fp8: float8 weights and activations in the layers' products (Hopper or Ada GPUs only)",
+    )
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when torch sees it")
     add("--context-length", type=_positive_int, help="max tokens per input (default: the model's)")
     add("--pooling", choices=POOLING_MODES, help="override the model's pooling")

@@ -20,6 +20,7 @@ from toolkit.execution.kernel_builder import build_short_batch_kernels
 from toolkit.execution.memory import trim_when_idle
 from toolkit.execution.runner import Runner, RunnerStats
 from toolkit.models.base import LoadedModel
+from toolkit.models.fp8 import check_fp8_device, quantize_fp8
 from toolkit.models.loader import Head, load_model
 from toolkit.scheduling.batcher import Batcher
 from toolkit.scheduling.work import WorkItem
@@ -67,6 +68,9 @@ def _load_on_device_thread(
         device,
     )
     spec = files.spec
+    if args.quantization == "fp8":
+        check_fp8_device(device, dtype)
+        logger.info("FP8: %d linear layers take float8 weights and activations.", quantize_fp8(model.module))
     compile_blocks = getattr(model.module, "compile_blocks", None)
     compiled = False
     if _compile_wanted(args, device, model, spec) and compile_blocks is not None:

@@ -131,21 +131,34 @@ class Gemma3Layer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         rows: torch.Tensor | None = None,  # keep only these tokens' outputs
     ) -> torch.Tensor:
+        cfg = self.cfg
+        q, k, v = self.attention_inputs(x, *rope)
+        attn = packed_attention(
+            q, k, v, batch, causal=cfg.causal, window=self.window, scale=cfg.scale, query_rows=rows
+        )
+        return self.attention_output_and_mlp(x if rows is None else x[rows], attn)
+
+    # The halves around attention are pure tensor code, which `compile_blocks` fuses on CUDA.
+    def attention_inputs(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, t = self.cfg, x.shape[0]
         q_size, kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         q, k, v = self.qkv(self.attn_norm(x)).split([q_size, kv_size, kv_size], dim=-1)
         q = self.q_norm(q.view(t, cfg.n_heads, cfg.head_dim))
         k = self.k_norm(k.view(t, cfg.n_kv_heads, cfg.head_dim))
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        v = v.view(t, cfg.n_kv_heads, cfg.head_dim)
-        attn = packed_attention(
-            q, k, v, batch, causal=cfg.causal, window=self.window, scale=cfg.scale, query_rows=rows
-        )
-        x = (x if rows is None else x[rows]) + self.post_attn_norm(
-            self.attn_out(attn.reshape(attn.shape[0], -1))
-        )
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.view(t, cfg.n_kv_heads, cfg.head_dim)
+
+    def attention_output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        x = x + self.post_attn_norm(self.attn_out(attn.reshape(attn.shape[0], -1)))
         gate, up = self.gate_up(self.ffn_norm(x)).chunk(2, dim=-1)
         return x + self.post_ffn_norm(self.down(F.gelu(gate, approximate="tanh") * up))
+
+    def compile_blocks(self) -> None:
+        self.attention_inputs = torch.compile(self.attention_inputs, dynamic=True)  # type: ignore[method-assign]
+        self.attention_output_and_mlp = torch.compile(  # type: ignore[method-assign]
+            self.attention_output_and_mlp, dynamic=True
+        )
 
 
 class Gemma3(nn.Module):
@@ -155,6 +168,11 @@ class Gemma3(nn.Module):
         self.tok_embeddings = uninitialized_embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Gemma3Layer(cfg, i) for i in range(cfg.n_layers))
         self.norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
+
+    def compile_blocks(self) -> None:
+        """Fuse the attention-free parts of every layer with torch.compile (CUDA serving)."""
+        for layer in self.layers:
+            layer.compile_blocks()
 
     @property
     def row_pooling_modes(self) -> frozenset[str]:

@@ -102,14 +102,29 @@ class ModernBertLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         rows: torch.Tensor | None = None,  # keep only these tokens' outputs
     ) -> torch.Tensor:
+        q, k, v = self.attention_inputs(x, *rope)
+        attn = packed_attention(q, k, v, batch, causal=False, window=self.window, query_rows=rows)
+        return self.attention_output_and_mlp(x if rows is None else x[rows], attn)
+
+    # The halves around attention are pure tensor code, which `compile_blocks` fuses on CUDA.
+    def attention_inputs(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, t = self.cfg, x.shape[0]
         h = x if self.attn_norm is None else self.attn_norm(x)
         q, k, v = self.qkv(h).view(t, 3, cfg.n_heads, cfg.head_dim).unbind(1)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        attn = packed_attention(q, k, v, batch, causal=False, window=self.window, query_rows=rows)
-        x = (x if rows is None else x[rows]) + self.attn_out(attn.reshape(attn.shape[0], -1))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attention_output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn_out(attn.reshape(attn.shape[0], -1))
         gated, gate = self.ffn_in(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.ffn_out(gelu_(gated.contiguous()) * gate)
+
+    def compile_blocks(self) -> None:
+        self.attention_inputs = torch.compile(self.attention_inputs, dynamic=True)  # type: ignore[method-assign]
+        self.attention_output_and_mlp = torch.compile(  # type: ignore[method-assign]
+            self.attention_output_and_mlp, dynamic=True
+        )
 
 
 class ModernBert(nn.Module):
@@ -120,6 +135,11 @@ class ModernBert(nn.Module):
         self.emb_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
         self.layers = nn.ModuleList(ModernBertLayer(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+    def compile_blocks(self) -> None:
+        """Fuse the attention-free parts of every layer with torch.compile (CUDA serving)."""
+        for layer in self.layers:
+            layer.compile_blocks()
 
     @property
     def row_pooling_modes(self) -> frozenset[str]:
