@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache/toolkit-bench"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--fp8", action="store_true", help="also the --quantization fp8 path")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated, of " + ",".join(DTYPES))
     args = parser.parse_args()
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     print(f"device: {card}, torch {torch.__version__}")
@@ -86,7 +87,8 @@ def main() -> None:
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         inputs = [[rng.randrange(1000, vocab) for _ in range(n)] for n in (1, 7, 64, 300, 512, 33, 128, 2)]
         ref32 = reference(model_dir, inputs, torch.float32, args.device)
-        for name, dtype in DTYPES.items():
+        for name in args.dtypes.split(","):
+            dtype = DTYPES[name]
             mine = ours(model_dir, inputs, dtype, args.device)
             line = f"{shape:15s} {name:9s} vs transformers fp32: {compare(mine, ref32)}"
             if dtype != torch.float32:
