@@ -125,6 +125,7 @@ def main() -> None:
         "--batch-sizes", default=None, help="CrossEncoder batch sizes (default 32; GPU 32,128)"
     )
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "toolkit-bench"))
+    parser.add_argument("--server-args", default="", help="extra server flags, e.g. '--http-workers 4'")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -139,7 +140,8 @@ def main() -> None:
     print(f"workload: {len(payloads)} requests, {len(pairs)} pairs, {tokens} pair tokens", flush=True)
     (first, size), model = time_reference(model_dir, pairs, device, dtype, sizes)
     del model
-    runs = serve(model_dir, payloads, device, dtype, [int(c) for c in args.concurrency.split(",")])
+    clients = [int(c) for c in args.concurrency.split(",")]
+    runs = serve(model_dir, payloads, device, dtype, clients, args.server_args)
     (second, _), _ = time_reference(model_dir, pairs, device, dtype, [size])
     reference_s = (first + second) / 2
     print(f"\n{args.shape} reranker on {machine}; {len(pairs)} pairs, {tokens} pair tokens")
@@ -168,10 +170,14 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
-def serve(model_dir: Path, payloads: list[dict[str, Any]], device: str, dtype: str, clients: list[int]):
+def serve(
+    model_dir: Path, payloads: list[dict[str, Any]], device: str, dtype: str, clients: list[int], extra: str
+):
     from toolkit.utils import launch_server_cmd, terminate_process, wait_for_server
 
-    command = f"python3 -m toolkit.launch_server --model-path {model_dir} --device {device} --dtype {dtype}"
+    command = (
+        f"python3 -m toolkit.launch_server --model-path {model_dir} --device {device} --dtype {dtype} {extra}"
+    )
     process, port = launch_server_cmd(command + " --log-level warning", host="127.0.0.1")
     url = f"http://127.0.0.1:{port}"
     try:
