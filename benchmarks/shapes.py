@@ -114,7 +114,8 @@ def build_shape(name: str, dest: Path, device: str = "cpu", dtype: str = "bfloat
     model.save_pretrained(dest, safe_serialization=True)
     _save_word_tokenizer(dest, config.vocab_size)
     (dest / "1_Pooling").mkdir(exist_ok=True)
-    (dest / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": pooling}))
+    pooling_config = {"pooling_mode": pooling, "word_embedding_dimension": config.hidden_size}
+    (dest / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config))
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},

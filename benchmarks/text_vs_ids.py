@@ -68,6 +68,10 @@ def model_with_tokenizer(shape: str, tokenizer_dir: Path, cache: Path, device: s
     if not dest.exists():
         shutil.copytree(base, dest, symlinks=True)
     shutil.copy(tokenizer_dir / "tokenizer.json", dest / "tokenizer.json")
+    # sentence-transformers 6 wants the pooled width (shapes cached before it was written lack it).
+    pooling = dest / "1_Pooling" / "config.json"
+    width = json.loads((dest / "config.json").read_text())["hidden_size"]
+    pooling.write_text(json.dumps(json.loads(pooling.read_text()) | {"word_embedding_dimension": width}))
     return dest
 
 

@@ -81,7 +81,8 @@ class TextTokenizer:
         tokenizer = self._plain
         if max_length is not None:
             tokenizer = self._truncating.get(("pair", max_length)) or self._pair_truncating(max_length)
-        encodings = tokenizer.encode_batch(pairs, add_special_tokens=True)
+        encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        encodings = encode(pairs, add_special_tokens=True)
         return [(e.ids, _second_segment_start(e.type_ids)) for e in encodings]
 
     def _pair_truncating(self, max_length: int) -> Tokenizer:
@@ -122,8 +123,10 @@ class TextTokenizer:
     def _encode_batch(
         tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = True
     ) -> list[Encoding]:
-        # encode_batch runs in Rust threads and releases the GIL.
-        encodings: list[Encoding] = tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        # Runs in Rust threads and releases the GIL; the fast variant skips the character offsets,
+        # which nothing here reads (docs/performance.md, "Text on the GPU").
+        encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        encodings: list[Encoding] = encode(texts, add_special_tokens=add_special_tokens)
         return encodings
 
 
