@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.helpers.api_calls import assert_openai_error
-from tests.helpers.model_zoo import build_tiny_model
+from tests.helpers.head_models import build_causal_lm, save_chat_reranker
 from tests.helpers.servers import start_test_client
 
 QUERY = "How do I keep my houseplants alive in winter?"
@@ -25,37 +25,6 @@ DOCUMENTS = [
     "ok",
 ]
 LONG = "Houseplants need bright light during the short days of winter. " * 30
-# Written for these tests in the shape of Qwen3-Reranker's: a system turn, the pair in a user
-# turn, an assistant turn opened with an empty thought.
-CHAT_TEMPLATE = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
-    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
-    "<|im_start|>user\n<Instruct>: Given a web search query, retrieve relevant passages\n"
-    "{% for message in messages %}{% if message['role'] == 'query' %}<Query>: {{ message['content'] }}\n"
-    "{% else %}<Document>: {{ message['content'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
-)
-
-
-def build_causal_lm(dest: Path) -> Path:
-    """A tiny random Qwen3 causal LM whose vocabulary holds "yes" and "no"."""
-    from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
-
-    base = build_tiny_model("qwen3", dest / "base")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.add_tokens(["yes", "no"])
-    config = AutoConfig.from_pretrained(base)
-    assert len(tokenizer) <= config.vocab_size  # the table is rounded up past the tokenizer
-    config.architectures = ["Qwen3ForCausalLM"]
-    model = Qwen3ForCausalLM.from_pretrained(base, config=config)
-    generator = torch.Generator().manual_seed(5)
-    embeddings = model.get_input_embeddings().weight  # tied to the LM head
-    embeddings.data[len(tokenizer) - 2 : len(tokenizer)] = (
-        torch.randn(2, config.hidden_size, generator=generator) * 0.3
-    )
-    model.save_pretrained(dest / "causal")
-    tokenizer.save_pretrained(dest / "causal")
-    return dest / "causal"
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +36,7 @@ def causal_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def st_reranker(causal_lm: Path) -> Iterator[tuple[Any, Any]]:
     from sentence_transformers import CrossEncoder
 
-    model = CrossEncoder(str(causal_lm), device="cpu")
-    model.tokenizer.chat_template = CHAT_TEMPLATE
-    path = causal_lm.parent / "st"
-    model.save(str(path))
+    path = save_chat_reranker(causal_lm, causal_lm.parent / "st")
     reference = CrossEncoder(str(path), device="cpu")
     client = start_test_client(["--model-path", str(path)])
     yield client, reference

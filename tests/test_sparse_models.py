@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.helpers.api_calls import assert_openai_error
+from tests.helpers.head_models import build_splade
 from tests.helpers.model_zoo import build_tiny_model
 from tests.helpers.servers import start_test_client
 from toolkit.errors import ModelLoadError
@@ -27,25 +28,6 @@ TEXTS = [
     "Embedding models turn sentences into vectors. " * 4,
 ]
 LONG = "Tokenizers split words into pieces: running, runner, runs and ran. " * 20
-# Shifts the head's vocabulary bias down, so a random model leaves most entries at zero (as a
-# trained SPLADE does) and the non-zero indices say something.
-SPARSITY_SHIFT = 1.4
-
-
-def build_splade(family: str, dest: Path, *, seed: int = 0) -> Path:
-    """A masked-language model of `family`, every weight random, in transformers' format."""
-    from transformers import AutoModelForMaskedLM
-
-    base = build_tiny_model(family, dest, seed=seed)
-    model = AutoModelForMaskedLM.from_pretrained(str(base))
-    generator = torch.Generator().manual_seed(seed + 1)
-    head = model.get_output_embeddings()
-    for name, parameter in model.named_parameters():
-        if not name.startswith(("bert.", "roberta.", "mpnet.")):  # the head, freshly initialised
-            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.3
-    head.bias.data -= SPARSITY_SHIFT
-    model.save_pretrained(str(dest))
-    return dest
 
 
 def save_sparse_encoder(modules: list[Any], path: Path, max_active_dims: int | None = None) -> Path:
