@@ -50,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: ServerArgs, sock: socket.socket, argv: list[str]) -> int:
+    if args.model_path is not None and args.model_path.endswith(".gguf"):
+        from toolkit.process.gguf import prepare_gguf  # imports transformers: only for such a file
+
+        prepare_gguf(args.model_path)
     files = args.model_files()
     # Imported here, not at the top: both import torch, which takes seconds, and --help or a
     # missing model should answer at once.

@@ -25,6 +25,7 @@ from tqdm import tqdm  # a text bar: tqdm.auto warns in a notebook without ipywi
 
 from toolkit.execution.assembly import load_service
 from toolkit.execution.memory import tune_process_memory
+from toolkit.process.gguf import prepare_gguf
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import EmbedRequest, InferenceService
 from toolkit.service.similarity import Truncation, rank_documents, score_pairs
@@ -60,6 +61,7 @@ class Engine:
         self.args = ServerArgs.from_options(
             "Engine", model_path=model_path, device=device, dtype=dtype, **options
         )
+        prepare_gguf(self.args.model_path)
         files = self.args.model_files()
         if tune_memory:
             tune_process_memory(self.args.device)

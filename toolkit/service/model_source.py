@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 from pathlib import Path
 
 from toolkit.errors import ModelLoadError
@@ -23,6 +25,26 @@ def bundled_model_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+# A GGUF file's model is converted once into a folder here (`toolkit.models.gguf`), marked
+# complete by this file.
+GGUF_CACHE_ENV = "TOOLKIT_GGUF_CACHE"
+GGUF_COMPLETE = ".complete"
+
+
+def is_gguf_file(model_path: str | None) -> bool:
+    return model_path is not None and model_path.endswith(".gguf") and Path(model_path).expanduser().is_file()
+
+
+def gguf_converted_dir(gguf: Path) -> Path:
+    """Where a GGUF file's float32 conversion lives: named by the file's path, size and time, so an
+    edited or replaced file is converted again."""
+    source = gguf.expanduser().resolve()
+    stat = source.stat()
+    key = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get(GGUF_CACHE_ENV) or Path.home() / ".cache" / "toolkit" / "gguf")
+    return root / f"{source.stem}-{key}"
+
+
 def resolve_model_dir(model_path: str | None) -> Path:
     """A local directory holding config.json for `model_path`, or ModelLoadError saying where we looked."""
     if model_path is None:
@@ -30,6 +52,11 @@ def resolve_model_dir(model_path: str | None) -> Path:
     local = Path(model_path).expanduser()
     if local.is_dir():
         return local.resolve()
+    if is_gguf_file(model_path):
+        converted = gguf_converted_dir(local)
+        if not (converted / GGUF_COMPLETE).is_file():
+            raise ModelLoadError(f"{local} has not been converted from GGUF yet (it goes to {converted})")
+        return converted
     looked = [f"local directory {local.resolve()}"]
     cached, cache_note = _from_hf_cache(model_path)
     if cached is not None:
