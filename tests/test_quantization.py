@@ -1,6 +1,7 @@
-"""FP8 (`--quantization fp8`): where it is refused (a CPU, a GPU older than Ada, a dtype other than
-bfloat16) with a clear error instead of a silent fallback, and what its products compute, checked
-on the CPU (torch runs float8 products there too) against the float products they replace."""
+"""Precision flags that need hardware: FP8 (`--quantization fp8`) refused on a CPU, a GPU older than
+Ada or a dtype other than bfloat16, and bfloat16 refused on a CPU without AMX or AVX512-BF16, each
+with a clear error instead of a silent fallback; and what FP8 products compute, checked on the CPU
+(torch runs float8 products there too) against the float products they replace."""
 
 from __future__ import annotations
 
@@ -68,3 +69,15 @@ def test_a_quantized_model_embeds_like_the_float_model(tmp_path: Path) -> None:
     # Random weights amplify rounding more than trained ones; the GPU figures are in
     # docs/performance.md (benchmarks/gpu_fidelity.py --quantization fp8).
     assert F.cosine_similarity(got, expected, dim=-1).min() >= 0.98
+
+
+def test_cpu_bfloat16_is_refused_without_hardware_for_it() -> None:
+    from toolkit.execution.device import check_cpu_bf16, cpu_flags
+
+    with pytest.raises(ModelLoadError, match="neither amx_bf16 nor avx512_bf16"):
+        check_cpu_bf16(frozenset({"avx2", "fma", "avx512f"}))
+    check_cpu_bf16(frozenset({"avx2", "amx_bf16", "amx_tile"}))  # a Sapphire Rapids Xeon
+    check_cpu_bf16(frozenset({"avx512_bf16"}))  # a Cooper Lake or Zen 4
+    check_cpu_bf16(None)  # flags unknown (not Linux): allowed
+    flags = cpu_flags()
+    assert flags is None or "fpu" in flags or "fp" in flags  # read from this machine's cpuinfo

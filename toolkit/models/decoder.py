@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.errors import ModelLoadError
 from toolkit.models.attention import packed_attention
 from toolkit.models.base import SINGLE_TOKEN_MODES
 from toolkit.models.layers import uninitialized_embedding
@@ -47,7 +48,7 @@ class DecoderConfig:
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
-            raise NotImplementedError(f"rope scaling {rope_type!r} is not implemented")
+            raise ModelLoadError(f"rope scaling {rope_type!r} is not implemented")
         return cls(
             vocab_size=hf["vocab_size"],
             dim=hf["hidden_size"],

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.errors import ModelLoadError
 from toolkit.models.attention import packed_attention
 from toolkit.models.base import SINGLE_TOKEN_MODES
 from toolkit.models.decoder import apply_rotary, rotary_tables
@@ -56,15 +57,13 @@ class Gemma3Config:
             for i in range(layers)
         ]
         if hf.get("attn_logit_softcapping") is not None:
-            raise NotImplementedError("Gemma3 with attention logit soft-capping is not implemented")
+            raise ModelLoadError("Gemma3 with attention logit soft-capping is not implemented")
         causal = not hf.get("use_bidirectional_attention", False)
         # A causal sliding layer sees the `sliding_window` - 1 tokens before; a bidirectional
         # one as far on each side as transformers' config makes it: half the saved window.
         sliding = int(hf.get("sliding_window", 512))
         if hf.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-            raise NotImplementedError(
-                f"Gemma3 with activation {hf['hidden_activation']!r} is not implemented"
-            )
+            raise ModelLoadError(f"Gemma3 with activation {hf['hidden_activation']!r} is not implemented")
         return cls(
             vocab_size=hf["vocab_size"],
             dim=hf["hidden_size"],
@@ -89,7 +88,7 @@ def _theta(hf: dict[str, Any], kind: str, legacy: str, default: float) -> float:
     """A layer kind's rope theta: transformers 5's `rope_parameters`, else the older keys."""
     params = (hf.get("rope_parameters") or {}).get(kind) or {}
     if params.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-        raise NotImplementedError("Gemma3 with rope scaling is not implemented")
+        raise ModelLoadError("Gemma3 with rope scaling is not implemented")
     return float(params.get("rope_theta", hf.get(legacy, default)))
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from toolkit.errors import ModelLoadError
 from toolkit.models.attention import packed_attention
 from toolkit.models.base import SINGLE_TOKEN_MODES
 from toolkit.models.decoder import apply_rotary, rotary_tables
@@ -54,12 +55,10 @@ class ModernBertConfig:
             every = int(hf.get("global_attn_every_n_layers", 3))
             types = ["full_attention" if i % every == 0 else "sliding_attention" for i in range(layers)]
         if hf.get("hidden_activation", "gelu") != "gelu":
-            raise NotImplementedError(
-                f"ModernBERT with activation {hf['hidden_activation']!r} is not implemented"
-            )
+            raise ModelLoadError(f"ModernBERT with activation {hf['hidden_activation']!r} is not implemented")
         rope = hf.get("rope_parameters") or {}
         if any((rope.get(kind) or {}).get("rope_type", "default") != "default" for kind in rope):
-            raise NotImplementedError("ModernBERT with rope scaling is not implemented")
+            raise ModelLoadError("ModernBERT with rope scaling is not implemented")
         return cls(
             vocab_size=hf["vocab_size"],
             dim=hf["hidden_size"],
