@@ -17,7 +17,14 @@ from torch import nn
 from toolkit.errors import ModelLoadError
 from toolkit.models.attention import packed_attention
 from toolkit.models.base import SINGLE_TOKEN_MODES
-from toolkit.models.layers import uninitialized_embedding
+from toolkit.models.layers import (
+    LayerStack,
+    RMSNorm,
+    SplitLayer,
+    apply_rotary,
+    rotary_tables,
+    uninitialized_embedding,
+)
 from toolkit.models.packed_batch import PackedBatch
 
 
@@ -66,38 +73,7 @@ class DecoderConfig:
         )
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the weight, as the reference does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rotary_tables(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [T, 1, d] for the given positions, computed in float32."""
-    inv_freq = 1.0 / theta ** (
-        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    )
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)[:, None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-class DecoderLayer(nn.Module):
+class DecoderLayer(SplitLayer):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -111,16 +87,10 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        batch: PackedBatch,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        rows: torch.Tensor | None = None,  # keep only these tokens' outputs
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, rows: torch.Tensor | None
     ) -> torch.Tensor:
-        q, k, v = self.attention_inputs(x, *rope)
-        attn = packed_attention(q, k, v, batch, causal=self.cfg.causal, query_rows=rows)
-        return self.attention_output_and_mlp(x if rows is None else x[rows], attn)
+        return packed_attention(q, k, v, batch, causal=self.cfg.causal, query_rows=rows)
 
     # The two halves around attention are pure tensor code: `compile_blocks` fuses each with
     # torch.compile, which removes most of the elementwise memory traffic (norms, RoPE, SwiGLU).
@@ -142,25 +112,14 @@ class DecoderLayer(nn.Module):
         gate, up = self.gate_up(self.ffn_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
-    def compile_blocks(self) -> None:
-        self.attention_inputs = torch.compile(self.attention_inputs, dynamic=True)  # type: ignore[method-assign]
-        self.attention_output_and_mlp = torch.compile(  # type: ignore[method-assign]
-            self.attention_output_and_mlp, dynamic=True
-        )
 
-
-class Decoder(nn.Module):
+class Decoder(LayerStack):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = uninitialized_embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-
-    def compile_blocks(self) -> None:
-        """Fuse the attention-free parts of every layer with torch.compile (CUDA serving)."""
-        for layer in self.layers:
-            layer.compile_blocks()
 
     @property
     def row_pooling_modes(self) -> frozenset[str]:

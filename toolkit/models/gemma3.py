@@ -19,8 +19,14 @@ from torch import nn
 from toolkit.errors import ModelLoadError
 from toolkit.models.attention import packed_attention
 from toolkit.models.base import SINGLE_TOKEN_MODES
-from toolkit.models.decoder import apply_rotary, rotary_tables
-from toolkit.models.layers import uninitialized_embedding
+from toolkit.models.layers import (
+    LayerStack,
+    RMSNorm,
+    SplitLayer,
+    apply_rotary,
+    run_windowed_layers,
+    uninitialized_embedding,
+)
 from toolkit.models.packed_batch import PackedBatch
 
 
@@ -92,52 +98,31 @@ def _theta(hf: dict[str, Any], kind: str, legacy: str, default: float) -> float:
     return float(params.get("rope_theta", hf.get(legacy, default)))
 
 
-class GemmaRMSNorm(nn.Module):
-    """RMSNorm in float32, scaled by 1 + weight, cast back at the end, as Gemma computes it."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
-
-
-class Gemma3Layer(nn.Module):
+class Gemma3Layer(SplitLayer):
     def __init__(self, cfg: Gemma3Config, index: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.window = None if cfg.global_layers[index] else cfg.window
         q_size, kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.attn_norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, unit_offset=True)
         self.qkv = nn.Linear(cfg.dim, q_size + 2 * kv_size, bias=cfg.attention_bias)
-        self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, unit_offset=True)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, unit_offset=True)
         self.attn_out = nn.Linear(q_size, cfg.dim, bias=cfg.attention_bias)
-        self.post_attn_norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, unit_offset=True)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, unit_offset=True)
         self.gate_up = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
-        self.post_ffn_norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, unit_offset=True)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        batch: PackedBatch,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        rows: torch.Tensor | None = None,  # keep only these tokens' outputs
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, rows: torch.Tensor | None
     ) -> torch.Tensor:
         cfg = self.cfg
-        q, k, v = self.attention_inputs(x, *rope)
-        attn = packed_attention(
+        return packed_attention(
             q, k, v, batch, causal=cfg.causal, window=self.window, scale=cfg.scale, query_rows=rows
         )
-        return self.attention_output_and_mlp(x if rows is None else x[rows], attn)
 
-    # The halves around attention are pure tensor code, which `compile_blocks` fuses on CUDA.
     def attention_inputs(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,25 +138,14 @@ class Gemma3Layer(nn.Module):
         gate, up = self.gate_up(self.ffn_norm(x)).chunk(2, dim=-1)
         return x + self.post_ffn_norm(self.down(F.gelu(gate, approximate="tanh") * up))
 
-    def compile_blocks(self) -> None:
-        self.attention_inputs = torch.compile(self.attention_inputs, dynamic=True)  # type: ignore[method-assign]
-        self.attention_output_and_mlp = torch.compile(  # type: ignore[method-assign]
-            self.attention_output_and_mlp, dynamic=True
-        )
 
-
-class Gemma3(nn.Module):
+class Gemma3(LayerStack):
     def __init__(self, cfg: Gemma3Config) -> None:
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = uninitialized_embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Gemma3Layer(cfg, i) for i in range(cfg.n_layers))
-        self.norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
-
-    def compile_blocks(self) -> None:
-        """Fuse the attention-free parts of every layer with torch.compile (CUDA serving)."""
-        for layer in self.layers:
-            layer.compile_blocks()
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, unit_offset=True)
 
     @property
     def row_pooling_modes(self) -> frozenset[str]:
@@ -186,14 +160,8 @@ class Gemma3(nn.Module):
         x = self.tok_embeddings(batch.input_ids.long())
         # Scaled by sqrt(D) rounded to the weights' dtype, as transformers scales them.
         x = x * torch.tensor(self.cfg.dim**0.5).to(x.dtype)
-        tables = {
-            theta: rotary_tables(batch.position_ids, self.cfg.head_dim, theta, x.dtype)
-            for theta in {self.cfg.global_theta, self.cfg.local_theta}
-        }
-        last = len(self.layers) - 1
-        for index, layer in enumerate(self.layers):
-            theta = self.cfg.global_theta if layer.window is None else self.cfg.local_theta
-            x = layer(x, batch, tables[theta], rows if index == last else None)
+        thetas = (self.cfg.global_theta, self.cfg.local_theta)
+        x = run_windowed_layers(x, batch, self.layers, self.cfg.head_dim, thetas, rows)  # type: ignore[arg-type]
         return self.norm(x)
 
 

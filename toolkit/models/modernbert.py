@@ -17,8 +17,14 @@ from torch import nn
 from toolkit.errors import ModelLoadError
 from toolkit.models.attention import packed_attention
 from toolkit.models.base import SINGLE_TOKEN_MODES
-from toolkit.models.decoder import apply_rotary, rotary_tables
-from toolkit.models.layers import gelu_, uninitialized_embedding
+from toolkit.models.layers import (
+    LayerStack,
+    SplitLayer,
+    apply_rotary,
+    gelu_,
+    run_windowed_layers,
+    uninitialized_embedding,
+)
 from toolkit.models.packed_batch import PackedBatch
 
 
@@ -81,7 +87,7 @@ class ModernBertConfig:
         )
 
 
-class ModernBertLayer(nn.Module):
+class ModernBertLayer(SplitLayer):
     def __init__(self, cfg: ModernBertConfig, index: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -94,18 +100,11 @@ class ModernBertLayer(nn.Module):
         self.ffn_in = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        batch: PackedBatch,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        rows: torch.Tensor | None = None,  # keep only these tokens' outputs
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, rows: torch.Tensor | None
     ) -> torch.Tensor:
-        q, k, v = self.attention_inputs(x, *rope)
-        attn = packed_attention(q, k, v, batch, causal=False, window=self.window, query_rows=rows)
-        return self.attention_output_and_mlp(x if rows is None else x[rows], attn)
+        return packed_attention(q, k, v, batch, causal=False, window=self.window, query_rows=rows)
 
-    # The halves around attention are pure tensor code, which `compile_blocks` fuses on CUDA.
     def attention_inputs(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,14 +118,8 @@ class ModernBertLayer(nn.Module):
         gated, gate = self.ffn_in(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.ffn_out(gelu_(gated.contiguous()) * gate)
 
-    def compile_blocks(self) -> None:
-        self.attention_inputs = torch.compile(self.attention_inputs, dynamic=True)  # type: ignore[method-assign]
-        self.attention_output_and_mlp = torch.compile(  # type: ignore[method-assign]
-            self.attention_output_and_mlp, dynamic=True
-        )
 
-
-class ModernBert(nn.Module):
+class ModernBert(LayerStack):
     def __init__(self, cfg: ModernBertConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -134,11 +127,6 @@ class ModernBert(nn.Module):
         self.emb_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
         self.layers = nn.ModuleList(ModernBertLayer(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
-
-    def compile_blocks(self) -> None:
-        """Fuse the attention-free parts of every layer with torch.compile (CUDA serving)."""
-        for layer in self.layers:
-            layer.compile_blocks()
 
     @property
     def row_pooling_modes(self) -> frozenset[str]:
@@ -148,14 +136,8 @@ class ModernBert(nn.Module):
     def forward(self, batch: PackedBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [T, D]; with `rows` (one token per sequence), [B, D] of those tokens only."""
         x = self.emb_norm(self.tok_embeddings(batch.input_ids.long()))
-        tables = {
-            theta: rotary_tables(batch.position_ids, self.cfg.head_dim, theta, x.dtype)
-            for theta in {self.cfg.global_theta, self.cfg.local_theta}
-        }
-        last = len(self.layers) - 1
-        for index, layer in enumerate(self.layers):
-            theta = self.cfg.global_theta if layer.window is None else self.cfg.local_theta
-            x = layer(x, batch, tables[theta], rows if index == last else None)
+        thetas = (self.cfg.global_theta, self.cfg.local_theta)
+        x = run_windowed_layers(x, batch, self.layers, self.cfg.head_dim, thetas, rows)  # type: ignore[arg-type]
         return self.final_norm(x)
 
 
