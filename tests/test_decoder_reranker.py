@@ -136,3 +136,35 @@ def test_a_causal_lm_without_the_flag_is_an_embedder(causal_lm: Path) -> None:
     finally:
         client.__exit__(None, None, None)
     assert task == "embed" and embedded.status_code == 200
+
+
+def test_a_template_tail_is_not_restored_where_the_folder_says_so(causal_lm: Path, tmp_path: Path) -> None:
+    import json
+
+    from sentence_transformers import CrossEncoder
+
+    path = save_chat_reranker(causal_lm, tmp_path / "no-restore")
+    settings = path / "sentence_bert_config.json"
+    config = json.loads(settings.read_text())
+    config["processing_kwargs"] = {"chat_template": {"restore_suffix": False}}
+    settings.write_text(json.dumps(config))
+    client = start_test_client(["--model-path", str(path)])
+    try:
+        cut = client.post("/v1/rerank", json={"query": QUERY, "documents": [LONG], "truncate": True})
+    finally:
+        client.__exit__(None, None, None)
+    expected = CrossEncoder(str(path), device="cpu").predict([(QUERY, LONG)])
+    assert np.abs(ranked(cut, 1) - expected).max() <= 1e-5
+
+
+def test_is_reranker_refuses_an_embedding_folder_and_instructions_are_bounded(st_reranker) -> None:
+    from tests.helpers.model_zoo import build_tiny_model
+    from toolkit.errors import ModelLoadError
+    from toolkit.service.model_files import read_model_files
+
+    client, _ = st_reranker
+    long = client.post("/v1/rerank", json={"query": QUERY, "documents": ["a"], "instruction": "x" * 5000})
+    assert_openai_error(long, 400)
+    embedder = build_tiny_model("qwen3", Path(client.state.model_path).parent / "embedder")
+    with pytest.raises(ModelLoadError, match="sentence-transformers embedding model"):
+        read_model_files(str(embedder), reranker=True)

@@ -53,6 +53,7 @@ OPERATIONS = [
     ("POST", "/v1/score"),
     ("POST", "/score"),
     ("POST", "/v2/embed"),
+    ("POST", "/embed_sparse"),
 ]
 # The same handlers under other paths: fuzzed with valid requests only.
 ALIASES = {"/rerank", "/v2/rerank", "/score"}

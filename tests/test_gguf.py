@@ -66,7 +66,7 @@ def test_an_unreadable_gguf_file_is_one_clear_error(tmp_path: Path, monkeypatch:
     broken.write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(ModelLoadError, match=r"cannot read broken\.gguf"):
         prepare_gguf(str(broken))
-    assert not list((tmp_path / "cache").iterdir())  # no half-written folder left behind
+    assert not [path for path in (tmp_path / "cache").iterdir() if path.is_dir()]  # no half-written folder
     with pytest.raises(ModelLoadError, match="has not been converted"):
         resolve_model_dir(str(broken))
 
@@ -87,3 +87,18 @@ def test_the_launcher_converts_and_serves_a_gguf_file(gguf: str) -> None:
     finally:
         terminate_process(process)
     assert_openai_error(bad, 400, "instruction")
+
+
+@pytest.mark.slow  # converts the file again, twice at once
+def test_processes_converting_one_file_at_once_leave_one_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("TOOLKIT_GGUF_CACHE", str(tmp_path))
+    stale = tmp_path / f".{gguf_converted_dir(smollm2_gguf_path()).name}-killed"
+    stale.mkdir()  # what a conversion killed halfway leaves
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(prepare_gguf, [str(smollm2_gguf_path())] * 2))
+    folders = sorted(path.name for path in tmp_path.iterdir() if path.is_dir())
+    assert folders == [gguf_converted_dir(smollm2_gguf_path()).name]

@@ -15,6 +15,7 @@ from torch import nn
 from tests.helpers.model_zoo import build_tiny_model
 from toolkit.errors import ModelLoadError
 from toolkit.execution.packing import pack
+from toolkit.models import fp8
 from toolkit.models.fp8 import Fp8Linear, check_fp8_device, quantize_fp8
 from toolkit.models.loader import load_model
 from toolkit.server_args import ServerArgs
@@ -34,9 +35,19 @@ def test_fp8_is_refused_below_ada_and_outside_bfloat16(monkeypatch: pytest.Monke
     with pytest.raises(ModelLoadError, match=r"NVIDIA A100 has 8\.0"):
         check_fp8_device(cuda, torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(fp8, "_probe", lambda device: None)  # no GPU here to run the probe on
     check_fp8_device(cuda, torch.bfloat16)  # an H100: accepted
     with pytest.raises(ModelLoadError, match="bfloat16"):
         check_fp8_device(cuda, torch.float16)
+
+
+def test_a_torch_that_cannot_run_the_products_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unsupported(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("row-wise scaling is not supported here")
+
+    monkeypatch.setattr(torch, "_scaled_mm", unsupported)
+    with pytest.raises(ModelLoadError, match="cannot run it here: row-wise scaling"):
+        fp8._probe(torch.device("cpu"))
 
 
 def test_the_flag_takes_only_known_schemes() -> None:
@@ -74,10 +85,11 @@ def test_a_quantized_model_embeds_like_the_float_model(tmp_path: Path) -> None:
 def test_cpu_bfloat16_is_refused_without_hardware_for_it() -> None:
     from toolkit.execution.device import check_cpu_bf16, cpu_flags
 
-    with pytest.raises(ModelLoadError, match="neither amx_bf16 nor avx512_bf16"):
+    with pytest.raises(ModelLoadError, match="none of the flags amx_bf16, avx512_bf16, bf16"):
         check_cpu_bf16(frozenset({"avx2", "fma", "avx512f"}))
     check_cpu_bf16(frozenset({"avx2", "amx_bf16", "amx_tile"}))  # a Sapphire Rapids Xeon
     check_cpu_bf16(frozenset({"avx512_bf16"}))  # a Cooper Lake or Zen 4
+    check_cpu_bf16(frozenset({"asimd", "bf16", "sve"}))  # an Arm Neoverse V1 (Graviton3)
     check_cpu_bf16(None)  # flags unknown (not Linux): allowed
     flags = cpu_flags()
     assert flags is None or "fpu" in flags or "fp" in flags  # read from this machine's cpuinfo

@@ -140,10 +140,12 @@ def test_a_dense_model_refuses_sparse_output(tmp_path: Path) -> None:
     try:
         route = client.post("/embed_sparse", json={"inputs": "a"})
         flag = client.post("/v1/embeddings", json={"input": "a", "sparse": True})
+        top = client.post("/v1/embeddings", json={"input": "a", "max_active_dims": 4})
     finally:
         client.__exit__(None, None, None)
     assert "SparseEncoder" in assert_openai_error(route, 400, "inputs")["message"]
     assert_openai_error(flag, 400, "sparse")
+    assert_openai_error(top, 400, "max_active_dims")
 
 
 @pytest.fixture(scope="module")

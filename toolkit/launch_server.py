@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: ServerArgs, sock: socket.socket, argv: list[str]) -> int:
     if args.model_path is not None and args.model_path.endswith(".gguf"):
-        from toolkit.process.gguf import prepare_gguf  # imports transformers: only for such a file
+        from toolkit.process.gguf import prepare_gguf  # converting imports transformers and torch
 
         prepare_gguf(args.model_path)
     files = args.model_files()

@@ -15,6 +15,7 @@ TokenIds = list[StrictInt]
 Side = Literal["left", "right"]
 CompactType = Literal["float", "int8", "uint8", "binary", "ubinary"]
 MAX_TOP_N = 2**31 - 1
+MAX_INSTRUCTION_CHARS = 4096
 EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 
 
@@ -66,7 +67,8 @@ class RerankRequest(BaseModel):
     return_documents: StrictBool = True
     truncate: StrictBool | None = None
     truncation_side: Side | None = None
-    instruction: StrictStr | None = None  # a decoder reranker's task (Qwen3-Reranker's Instruct)
+    # A decoder reranker's task (Qwen3-Reranker's Instruct); it is repeated in every pair.
+    instruction: StrictStr | None = Field(default=None, max_length=MAX_INSTRUCTION_CHARS)
 
 
 class ScoreRequest(BaseModel):
@@ -79,7 +81,7 @@ class ScoreRequest(BaseModel):
     model: StrictStr | None = None
     truncate: StrictBool | None = None
     truncation_side: Side | None = None
-    instruction: StrictStr | None = None
+    instruction: StrictStr | None = Field(default=None, max_length=MAX_INSTRUCTION_CHARS)
 
 
 class CohereEmbedRequest(BaseModel):

@@ -57,6 +57,8 @@ def _load_on_device_thread(
     args: ServerArgs, files: ModelFiles, device: torch.device, device_threads: DeviceThreads
 ) -> tuple[InferenceService, torch.nn.Module]:
     dtype = pick_dtype(args.dtype, device)
+    if args.quantization == "fp8":
+        check_fp8_device(device, dtype)  # before the weights: a refusal costs no load
     started = time.perf_counter()
     model = load_model(files.spec.transformer_dir, device, dtype, _head(files.spec))
     logger.info(
@@ -69,7 +71,6 @@ def _load_on_device_thread(
     )
     spec = files.spec
     if args.quantization == "fp8":
-        check_fp8_device(device, dtype)
         logger.info("FP8: %d linear layers take float8 weights and activations.", quantize_fp8(model.module))
     compile_blocks = getattr(model.module, "compile_blocks", None)
     compiled = False

@@ -9,9 +9,9 @@ import torch
 
 from toolkit.errors import ModelLoadError
 
-# CPU flags of hardware bfloat16 products (Intel AMX, AVX512-BF16); without them torch emulates
-# bfloat16, slower than float32.
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# CPU flags of hardware bfloat16 products (Intel AMX, AVX512-BF16, Arm's BF16 extension); without
+# them torch emulates bfloat16, slower than float32.
+BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 
 
 def pick_device(requested: str) -> torch.device:
@@ -39,8 +39,8 @@ def check_cpu_bf16(flags: frozenset[str] | None) -> None:
     """Refuse bfloat16 on a CPU known to lack hardware for it (unknown flags: allowed)."""
     if flags is not None and not flags & set(BF16_FLAGS):
         raise ModelLoadError(
-            "--dtype bfloat16 on this CPU would run emulated, slower than float32: it has neither "
-            f"{' nor '.join(BF16_FLAGS)} (lscpu lists its flags); use --dtype float32"
+            "--dtype bfloat16 on this CPU would run emulated, slower than float32: it has none of "
+            f"the flags {', '.join(BF16_FLAGS)} (lscpu lists its flags); use --dtype float32"
         )
 
 

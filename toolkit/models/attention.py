@@ -47,7 +47,7 @@ def packed_attention(
         q, causal = q[query_rows], False
     # Checked in this order: a CPU server never asks for the CUDA kernel.
     if bias is None and q.is_cuda and q.dtype != torch.float32:
-        varlen = _varlen_kernel(q.device, q.dtype, q.shape[-1])
+        varlen = _varlen_kernel(q.device, q.dtype, q.shape[-1], window is not None)
         if varlen is not None:
             return varlen(q, k, v, batch, causal, window, scale)
     shape = _Shape(causal, window, scale)
@@ -140,8 +140,10 @@ VarlenKernel = Callable[
 ]
 
 
-@functools.lru_cache(maxsize=8)
-def _varlen_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> VarlenKernel | None:
+@functools.lru_cache(maxsize=16)
+def _varlen_kernel(
+    device: torch.device, dtype: torch.dtype, head_dim: int, windowed: bool = False
+) -> VarlenKernel | None:
     """Flash attention over `cu_seqlens` where this torch build and card run it, else None.
 
     This is the ATen op that `torch.nn.attention.varlen.varlen_attn` wraps, called directly: the
@@ -149,7 +151,8 @@ def _varlen_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> V
     host time when serving. The op also takes fewer key/value heads than query heads as they are
     (grouped-query attention), so nothing repeats them. One tiny call decides, once per device,
     dtype and head size, whether the kernel exists here (it needs Ampere or newer, and has a
-    largest head size); where it does not, attention falls back to padded SDPA.
+    largest head size, and on older torch no window); where it does not, attention falls back
+    to padded SDPA.
     """
     flash = getattr(torch.ops.aten, "_flash_attention_forward", None)
     if flash is None:
@@ -157,8 +160,10 @@ def _varlen_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> V
     try:
         probe = torch.zeros(2, 1, head_dim, device=device, dtype=dtype)
         cu = torch.tensor([0, 2], dtype=torch.int32, device=device)
-        flash(probe, probe, probe, cu, cu, 2, 2, 0.0, False, False)
-    except RuntimeError as exc:
+        # A windowed layer probes with a window: a torch whose kernel lacks the argument falls back.
+        sides = {"window_size_left": 1, "window_size_right": 1} if windowed else {}
+        flash(probe, probe, probe, cu, cu, 2, 2, 0.0, False, False, **sides)
+    except (RuntimeError, TypeError) as exc:
         logger.warning(
             "no flash attention for %s, head size %d (%s): padded attention instead", dtype, head_dim, exc
         )

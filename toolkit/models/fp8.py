@@ -36,6 +36,19 @@ def check_fp8_device(device: torch.device, dtype: torch.dtype) -> None:
         raise ModelLoadError(
             f"--quantization fp8 runs its other layers in bfloat16; --dtype {dtype} was asked"
         )
+    _probe(device)
+
+
+def _probe(device: torch.device) -> None:
+    """One tiny product as the layers will run it: a torch without row-wise scaled products here
+    fails at start, not on a client's batch."""
+    try:
+        probe = Fp8Linear(nn.Linear(ALIGN, ALIGN, device=device, dtype=torch.bfloat16))
+        probe(torch.ones(1, ALIGN, device=device, dtype=torch.bfloat16))
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(
+            f"--quantization fp8: this torch ({torch.__version__}) cannot run it here: {exc}"
+        ) from None
 
 
 class Fp8Linear(nn.Module):

@@ -4,6 +4,7 @@ then served like any other (`toolkit.service.model_source.gguf_converted_dir` na
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import shutil
 import tempfile
@@ -26,15 +27,25 @@ def prepare_gguf(model_path: str | None) -> None:
     if (dest / GGUF_COMPLETE).is_file():
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # One process converts (Ray Data starts an Engine per actor); the others wait, then find it.
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / GGUF_COMPLETE).is_file():
+            _convert_into(source, dest)
+
+
+def _convert_into(source: Path, dest: Path) -> None:
+    """Convert in a staging folder moved into place whole; a killed run's leftovers go first."""
+    for stale in dest.parent.glob(f".{dest.name}-*/"):
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
     started = time.perf_counter()
     logger.info("Converting %s to float32 safetensors in %s (once).", source.name, dest)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=dest.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         _convert(source, staging)
         (staging / GGUF_COMPLETE).write_text(source.name)
-        if not (dest / GGUF_COMPLETE).is_file():  # another process may have finished first
-            shutil.rmtree(dest, ignore_errors=True)
-            staging.rename(dest)
+        staging.rename(dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("Converted in %.1f s.", time.perf_counter() - started)

@@ -20,6 +20,7 @@ from ray.serve import Application
 from toolkit.api.app import create_app
 from toolkit.api.state import ServerState
 from toolkit.execution.assembly import load_service
+from toolkit.process.gguf import prepare_gguf
 from toolkit.server_args import ServerArgs
 from toolkit.service.inference import InferenceService
 
@@ -31,6 +32,7 @@ MAX_ONGOING_REQUESTS = 512
 class _Replica:
     async def __init__(self, model_path: str | None, options: dict[str, Any]) -> None:
         self.args = ServerArgs.from_options("embedding_app", model_path=model_path, **options)
+        await asyncio.to_thread(prepare_gguf, model_path)
         files = self.args.model_files()
         self.state = ServerState(
             args=self.args, model_path=str(files.model_dir), tokenizer_path=str(files.tokenizer_dir)

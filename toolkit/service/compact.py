@@ -6,6 +6,7 @@ shifts each byte by -128 into an int8. `int8` scales each vector on its own, its
 to 127, and rounds: an input's bytes are the same alone or in any batch (sentence-transformers
 calibrates its ranges over the batch, so its bytes depend on the neighbours). `uint8` is `int8`
 shifted by +128. Cosine similarity survives the per-vector scale; magnitudes across vectors do not.
+Shorter vectors (Matryoshka's `dimensions`) keep the first components, rescaled to unit length.
 """
 
 from __future__ import annotations
@@ -24,3 +25,10 @@ def compact(embeddings: np.ndarray, kind: str) -> np.ndarray:
     scaled = np.rint(embeddings * (127 / np.maximum(largest, np.finfo(np.float32).tiny)))
     signed = scaled.astype(np.int8)
     return signed if kind == "int8" else (signed.astype(np.int16) + 128).astype(np.uint8)
+
+
+def truncate_dimensions(embeddings: np.ndarray, dimensions: int) -> np.ndarray:
+    """Keep the first `dimensions` components and scale each row back to unit length."""
+    head = embeddings[:, :dimensions]
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    return np.ascontiguousarray(head / np.maximum(norms, 1e-12), dtype=np.float32)

@@ -18,6 +18,7 @@ import numpy as np
 from toolkit.errors import ContextLengthExceededError, InvalidRequestError, RequestTimeoutError
 from toolkit.scheduling.timing import RequestTiming
 from toolkit.scheduling.work import BatchQueue, WorkItem
+from toolkit.service.compact import truncate_dimensions
 from toolkit.service.model_spec import EmbeddingSpec
 from toolkit.service.pair_prompts import PairPrompter
 from toolkit.service.sparse import QueryRoute, keep_top, route_of
@@ -156,13 +157,18 @@ class InferenceService:
             )
         if self.spec.sparse is not None:
             return await self._embed_sparse(request, timing)
+        if request.max_active_dims is not None:
+            raise InvalidRequestError(
+                "'max_active_dims' applies to sparse models; this one gives dense vectors",
+                param="max_active_dims",
+            )
         check_dimensions(
             request.dimensions, self.embedding_dim, self.spec.matryoshka_dimensions, request.dimensions_param
         )
         items, rows = await self._run(self._work_items(request), request.param, timing)
         embeddings = np.stack(rows).astype(np.float32, copy=False)
         if request.dimensions is not None and request.dimensions < embeddings.shape[1]:
-            embeddings = _truncate_dimensions(embeddings, request.dimensions)
+            embeddings = truncate_dimensions(embeddings, request.dimensions)
         return EmbedResult(embeddings, [len(item.token_ids) for item in items])
 
     async def _embed_sparse(self, request: EmbedRequest, timing: RequestTiming | None) -> EmbedResult:
@@ -182,13 +188,15 @@ class InferenceService:
         route = self.query_route if route_of(sparse, request.route, name) == "query" else None
         if route is None:
             items, rows = await self._run(self._work_items(request), request.param, timing)
-            vectors = np.stack(rows).astype(np.float32, copy=False)
+            vectors = await asyncio.to_thread(np.stack, rows)
         else:
             items, _ = await self._run(
                 self._work_items(request, route.tokenizer), request.param, None, run=False
             )
             vectors = await asyncio.to_thread(route.vectors, [item.token_ids for item in items])
-        vectors = keep_top(vectors, request.max_active_dims or sparse.max_active_dims)
+        top = request.max_active_dims or sparse.max_active_dims
+        if top is not None:  # work as large as the vocabulary times the inputs: beside the loop
+            vectors = await asyncio.to_thread(keep_top, vectors, top)
         return EmbedResult(vectors, [len(item.token_ids) for item in items])
 
     async def classify(self, request: PairsRequest, timing: RequestTiming | None = None) -> EmbedResult:
@@ -220,7 +228,7 @@ class InferenceService:
                 ]
             return self.tokenizer.encode_pairs(pairs, limit if truncate else None)
 
-        chars = sum(len(a) + len(b) for a, b in pairs)
+        chars = sum(len(a) + len(b) for a, b in pairs) + len(request.instruction or "") * len(pairs)
         encoded = encode() if chars <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)
         first = next((i for i, (ids, _) in enumerate(encoded) if len(ids) > limit), None)
         if first is not None:
@@ -388,10 +396,3 @@ def activated(logits: np.ndarray, activation: str) -> np.ndarray:
     label's column as [N]."""
     scores = 1 / (1 + np.exp(-logits)) if activation == "sigmoid" else logits
     return np.ascontiguousarray(scores[:, 0] if scores.shape[1] == 1 else scores, dtype=np.float32)
-
-
-def _truncate_dimensions(embeddings: np.ndarray, dimensions: int) -> np.ndarray:
-    """Keep the first `dimensions` components and scale each row back to unit length."""
-    head = embeddings[:, :dimensions]
-    norms = np.linalg.norm(head, axis=1, keepdims=True)
-    return np.ascontiguousarray(head / np.maximum(norms, 1e-12), dtype=np.float32)

@@ -62,6 +62,11 @@ def read_model_files(
 
 def _causal_reranker(spec: EmbeddingSpec, tokenizer: TextTokenizer) -> EmbeddingSpec:
     """--is-reranker on a plain causal LM folder: the Qwen3-Reranker model card's recipe."""
+    if (spec.transformer_dir / "modules.json").is_file():
+        raise ModelLoadError(
+            f"--is-reranker: {spec.transformer_dir} is not a cross-encoder: it is a sentence-transformers "
+            "embedding model (its modules.json pools token states)"
+        )
     config = spec.transformer_dir / "config.json"
     hf_cfg = json.loads(config.read_text()) if config.is_file() else {}
     if not any(str(name).endswith("ForCausalLM") for name in hf_cfg.get("architectures") or ()):

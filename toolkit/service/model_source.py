@@ -25,7 +25,7 @@ def bundled_model_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-# A GGUF file's model is converted once into a folder here (`toolkit.models.gguf`), marked
+# A GGUF file's model is converted once into a folder here (`toolkit.process.gguf`), marked
 # complete by this file.
 GGUF_CACHE_ENV = "TOOLKIT_GGUF_CACHE"
 GGUF_COMPLETE = ".complete"

@@ -13,7 +13,7 @@ Two ways to write the prompt:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -56,6 +56,7 @@ class PromptedPairs:
     false_token: int | None
     template: str
     variables: dict[str, Any] = field(default_factory=dict)
+    restore_tail: bool = True  # sentence-transformers' restore_suffix: truncation keeps the tail
 
 
 def read_logit_score(score_dir: Path, transformer_dir: Path) -> PromptedPairs:
@@ -70,12 +71,13 @@ def read_logit_score(score_dir: Path, transformer_dir: Path) -> PromptedPairs:
     if not isinstance(template, str):
         raise ModelLoadError(f"{transformer_dir} has no chat template to write (query, document) pairs with")
     st_cfg = _json(transformer_dir / "sentence_bert_config.json")
-    chat_kwargs = (st_cfg.get("processing_kwargs") or {}).get("chat_template") or {}
-    chat_kwargs = {key: value for key, value in chat_kwargs.items() if key != "restore_suffix"}
+    chat_kwargs = dict((st_cfg.get("processing_kwargs") or {}).get("chat_template") or {})
+    restore_tail = bool(chat_kwargs.pop("restore_suffix", True))
     variables = {
         key: _token_text(tokenizer_cfg.get(key)) for key in _SPECIAL_TOKEN_KEYS if tokenizer_cfg.get(key)
     }
-    return PromptedPairs(true_token, score.get("false_token_id"), template, variables | chat_kwargs)
+    pairs = PromptedPairs(true_token, score.get("false_token_id"), template, variables | chat_kwargs)
+    return replace(pairs, restore_tail=restore_tail)
 
 
 def qwen3_reranker(tokenizer: TextTokenizer) -> PromptedPairs:
@@ -106,7 +108,7 @@ class PairPrompter:
         ids = self.tokenizer.encode(texts, add_special_tokens=False)
         if not truncate:
             return ids
-        tail = self._template_tail
+        tail = self._template_tail if self.pairs.restore_tail else []
         return [seq if len(seq) <= limit else seq[: limit - len(tail)] + tail for seq in ids]
 
     def _qwen3(
