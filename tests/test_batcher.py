@@ -230,3 +230,19 @@ def test_an_empty_submission_is_answered_at_once() -> None:
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_cap_on_inputs_per_batch_splits_many_short_inputs() -> None:
+    async def scenario() -> None:
+        runner = FakeRunner()
+        runner.gate.clear()
+        batcher = Batcher(runner, max_batch_tokens=1000, max_queued_tokens=1000, max_batch_inputs=3)  # type: ignore[arg-type]
+        batcher.start()
+        answer = batcher.submit(items(*[2] * 8))
+        runner.gate.set()
+        rows = await answer
+        assert len(rows) == 8
+        assert max(len(batch) for batch in runner.batches) <= 3
+        await batcher.stop()
+
+    asyncio.run(scenario())

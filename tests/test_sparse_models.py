@@ -115,7 +115,12 @@ def test_max_active_dims_keeps_what_sparse_encoder_keeps(splade) -> None:
 
 
 def test_a_sparse_model_says_what_it_serves(splade) -> None:
+    from toolkit.execution.assembly import SPARSE_BATCH_BYTES
+
     client, reference = splade
+    # Vocabulary-wide rows: a batch takes no more inputs than fit the byte budget.
+    width = reference.get_embedding_dimension()
+    assert client.state.service.queue.max_batch_inputs == SPARSE_BATCH_BYTES // (4 * width)
     info = client.get("/get_model_info").json()
     assert info["task"] == "sparse"
     assert info["embedding_dim"] == reference.get_embedding_dimension()

@@ -32,6 +32,10 @@ from toolkit.service.tokenization import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
+# A sparse model's batch holds a float32 row as wide as the vocabulary per input, on the device
+# and in pinned host memory: its inputs per batch are capped to keep those rows within this.
+SPARSE_BATCH_BYTES = 256 * 2**20
+
 
 def load_service(args: ServerArgs, files: ModelFiles) -> InferenceService:
     """Load weights onto the device and build the service over them, not started yet.
@@ -90,7 +94,8 @@ def _load_on_device_thread(
         runner.capture_graphs(sample, context_length)
     limits = args.request_limits(spec, context_length, _vocab_rows(model.module, files.tokenizer))
     batch_tokens = args.max_batch_tokens or (32768 if device.type == "cuda" else 8192)
-    batcher = Batcher(runner, batch_tokens, args.max_queued_tokens, args.max_queued_inputs)
+    rows = max(1, SPARSE_BATCH_BYTES // (4 * model.hidden_size)) if model.pools_itself else None
+    batcher = Batcher(runner, batch_tokens, args.max_queued_tokens, args.max_queued_inputs, rows)
     dim = model.hidden_size * (1 if model.pools_itself else len(spec.pooling_modes))
     dim = spec.vector_modules[-1].out_features if spec.vector_modules else dim
     return InferenceService(batcher, files.tokenizer, spec, limits, dim), model.module

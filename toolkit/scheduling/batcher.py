@@ -101,9 +101,13 @@ class Batcher:
         max_batch_tokens: int,
         max_queued_tokens: int,
         max_queued_inputs: int | None = None,
+        max_batch_inputs: int | None = None,
     ) -> None:
         self.runner = runner
         self.max_batch_tokens = max_batch_tokens
+        # Inputs per batch, for models whose rows cost more than their tokens (a sparse model's
+        # rows span its vocabulary); None: tokens alone decide.
+        self.max_batch_inputs = max_batch_inputs
         self.max_queued_tokens = max_queued_tokens
         self.max_queued_inputs = max_queued_inputs
         # Metrics hook: called once per finished batch with (inputs, tokens, seconds).
@@ -228,6 +232,8 @@ class Batcher:
                 self._withdraw(entry)
                 continue
             if batch and tokens + entry.num_tokens > self.max_batch_tokens:
+                break
+            if self.max_batch_inputs is not None and len(batch) >= self.max_batch_inputs:
                 break
             if batch and tokens + entry.num_tokens // 2 > share:  # nearer the share without it
                 break
