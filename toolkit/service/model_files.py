@@ -6,11 +6,11 @@ and a non-zero exit) and in every front-end process.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from toolkit.errors import ModelLoadError
+from toolkit.service.model_json import json_dict
 from toolkit.service.model_source import resolve_model_dir
 from toolkit.service.model_spec import EmbeddingSpec, decoder_reranker_fields, read_embedding_spec
 from toolkit.service.pair_prompts import qwen3_reranker
@@ -67,8 +67,7 @@ def _causal_reranker(spec: EmbeddingSpec, tokenizer: TextTokenizer) -> Embedding
             f"--is-reranker: {spec.transformer_dir} is not a cross-encoder: it is a sentence-transformers "
             "embedding model (its modules.json pools token states)"
         )
-    config = spec.transformer_dir / "config.json"
-    hf_cfg = json.loads(config.read_text()) if config.is_file() else {}
+    hf_cfg = json_dict(spec.transformer_dir / "config.json")
     if not any(str(name).endswith("ForCausalLM") for name in hf_cfg.get("architectures") or ()):
         raise ModelLoadError(
             f"--is-reranker: {spec.transformer_dir} is not a cross-encoder (its config.json names no "

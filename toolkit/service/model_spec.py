@@ -10,7 +10,6 @@ decoders (the convention of every decoder embedder).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from toolkit.errors import ModelLoadError
 from toolkit.models.registry import family_of, is_classifier, num_labels
+from toolkit.service.model_json import as_dict, class_name, json_dict, read_json, saved_model_max_length
 from toolkit.service.pair_prompts import PromptedPairs, read_logit_score
 from toolkit.service.sparse_spec import SparseSpec, read_sparse_spec
 
@@ -128,11 +128,11 @@ def _cross_encoder_fields(hf_cfg: dict[str, Any], st_cfg: dict[str, Any]) -> dic
 
 def _activation(hf_cfg: dict[str, Any], st_cfg: dict[str, Any]) -> str:
     """A one-label cross-encoder's activation: the saved one, else sentence-transformers' sigmoid."""
-    legacy = _dict_or_empty(hf_cfg.get("sentence_transformers"))
+    legacy = as_dict(hf_cfg.get("sentence_transformers"))
     saved = st_cfg.get("activation_fn") or legacy.get("activation_fn")
     if saved is None:
         return "sigmoid"
-    name = str(saved).rsplit(".", 1)[-1]
+    name = class_name(saved)
     if name not in _ACTIVATIONS:
         raise ModelLoadError(f"unsupported cross-encoder activation {saved!r}; known: {list(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
@@ -160,22 +160,12 @@ def decoder_reranker_fields(
     }
 
 
-def _read_json(path: Path) -> dict[str, Any] | list[Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data: dict[str, Any] | list[Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-    return data
-
-
 def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
-    modules = _read_json(model_dir / "modules.json")
+    modules = read_json(model_dir / "modules.json")
     if not isinstance(modules, list):
         return _spec_without_st_files(model_dir)
-    by_kind = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules}
-    st_cfg = _dict_or_empty(_read_json(model_dir / "config_sentence_transformers.json"))
+    by_kind = {class_name(m.get("type", "")): m for m in modules}
+    st_cfg = json_dict(model_dir / "config_sentence_transformers.json")
     if st_cfg.get("model_type") == "SparseEncoder" or {"SpladePooling", "Router"} & set(by_kind):
         return _sparse_embedding_spec(model_dir, modules, st_cfg)
     unknown = [kind for kind in by_kind if kind not in _IGNORED_MODULES]
@@ -187,12 +177,11 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
     )
     pooling_cfg: dict[str, Any] = {}
     if "Pooling" in by_kind:
-        loaded = _read_json(model_dir / by_kind["Pooling"].get("path", "1_Pooling") / "config.json")
-        pooling_cfg = loaded if isinstance(loaded, dict) else {}
-    bert_cfg = _dict_or_empty(_read_json(transformer_dir / "sentence_bert_config.json"))
+        pooling_cfg = json_dict(model_dir / by_kind["Pooling"].get("path", "1_Pooling") / "config.json")
+    bert_cfg = json_dict(transformer_dir / "sentence_bert_config.json")
     if not bert_cfg:
-        bert_cfg = _dict_or_empty(_read_json(model_dir / "sentence_bert_config.json"))
-    hf_cfg = _dict_or_empty(_read_json(transformer_dir / "config.json"))
+        bert_cfg = json_dict(model_dir / "sentence_bert_config.json")
+    hf_cfg = json_dict(transformer_dir / "config.json")
     fields: dict[str, Any] = {
         "pooling_modes": _pooling_modes(pooling_cfg, hf_cfg),
         "normalize": "Normalize" in by_kind,
@@ -223,13 +212,13 @@ def read_embedding_spec(model_dir: Path) -> EmbeddingSpec:
 def _sparse_embedding_spec(model_dir: Path, modules: list[Any], st_cfg: dict[str, Any]) -> EmbeddingSpec:
     """A SparseEncoder: SPLADE over an encoder's masked-language-model head, not normalized."""
     transformer_dir, sparse = read_sparse_spec(model_dir, modules, st_cfg)
-    hf_cfg = _dict_or_empty(_read_json(transformer_dir / "config.json"))
+    hf_cfg = json_dict(transformer_dir / "config.json")
     if family_of(hf_cfg.get("model_type")) != "encoder":
         raise ModelLoadError(
             f"SPLADE over model_type {hf_cfg.get('model_type')!r} is not served; BERT, RoBERTa, "
             "XLM-RoBERTa and MPNet masked-language models are"
         )
-    bert_cfg = _dict_or_empty(_read_json(transformer_dir / "sentence_bert_config.json"))
+    bert_cfg = json_dict(transformer_dir / "sentence_bert_config.json")
     return EmbeddingSpec(
         transformer_dir=transformer_dir,
         pooling_modes=(f"splade_{sparse.pooling}",),
@@ -246,7 +235,7 @@ def _sparse_embedding_spec(model_dir: Path, modules: list[Any], st_cfg: dict[str
 def _vector_modules(model_dir: Path, modules: list[Any]) -> tuple[VectorModule, ...]:
     """The Dense and LayerNorm modules, in order; they must come after pooling and before
     normalization."""
-    kinds = [str(module.get("type", "")).rsplit(".", 1)[-1] for module in modules]
+    kinds = [class_name(module.get("type", "")) for module in modules]
     found = [index for index, kind in enumerate(kinds) if kind in VECTOR_MODULES]
     if not found:
         return ()
@@ -264,15 +253,15 @@ def _vector_modules(model_dir: Path, modules: list[Any]) -> tuple[VectorModule, 
 
 
 def _layer_norm(path: Path) -> VectorModule:
-    dimension = _dict_or_empty(_read_json(path / "config.json")).get("dimension")
+    dimension = json_dict(path / "config.json").get("dimension")
     if not isinstance(dimension, int) or dimension < 1:
         raise ModelLoadError(f"{path / 'config.json'} does not describe a LayerNorm module")
     return VectorModule("LayerNorm", path, dimension, dimension)
 
 
 def _dense(path: Path) -> VectorModule:
-    cfg = _dict_or_empty(_read_json(path / "config.json"))
-    activation = str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
+    cfg = json_dict(path / "config.json")
+    activation = class_name(cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
     if activation not in DENSE_ACTIVATIONS:
         raise ModelLoadError(
             f"unsupported Dense activation {activation!r} in {path}; known: {DENSE_ACTIVATIONS}"
@@ -288,10 +277,6 @@ def _dense(path: Path) -> VectorModule:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{path / 'config.json'} does not describe a Dense module: {exc}") from None
-
-
-def _dict_or_empty(data: dict[str, Any] | list[Any] | None) -> dict[str, Any]:
-    return data if isinstance(data, dict) else {}
 
 
 def _pooling_modes(pooling_cfg: dict[str, Any], hf_cfg: dict[str, Any]) -> tuple[str, ...]:
@@ -316,7 +301,7 @@ def _default_pooling(hf_cfg: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _spec_without_st_files(model_dir: Path) -> EmbeddingSpec:
-    hf_cfg = _dict_or_empty(_read_json(model_dir / "config.json"))
+    hf_cfg = json_dict(model_dir / "config.json")
     cross_encoder = _cross_encoder_fields(hf_cfg, {})
     fields: dict[str, Any] = cross_encoder or {"pooling_modes": _default_pooling(hf_cfg), "normalize": True}
     if not cross_encoder:
@@ -335,13 +320,9 @@ def _spec_without_st_files(model_dir: Path) -> EmbeddingSpec:
 
 def _static_max_length(directory: Path) -> int | None:
     """StaticEmbedding cuts where its saved tokenizer.json truncates, if it does."""
-    truncation = _dict_or_empty(_read_json(directory / "tokenizer.json")).get("truncation")
+    truncation = json_dict(directory / "tokenizer.json").get("truncation")
     length = truncation.get("max_length") if isinstance(truncation, dict) else None
     return length if isinstance(length, int) and length > 0 else None
-
-
-# transformers' `model_max_length` when a tokenizer was saved without one (int(1e30)).
-_UNSET_MODEL_MAX_LENGTH = 10**18
 
 
 def _max_seq_length(bert_cfg: dict[str, Any], hf_cfg: dict[str, Any], *dirs: Path) -> int | None:
@@ -352,8 +333,8 @@ def _max_seq_length(bert_cfg: dict[str, Any], hf_cfg: dict[str, Any], *dirs: Pat
     if isinstance(length, int):
         return length
     for directory in dirs:
-        saved = _dict_or_empty(_read_json(directory / "tokenizer_config.json")).get("model_max_length")
-        if isinstance(saved, int) and 0 < saved < _UNSET_MODEL_MAX_LENGTH:
+        saved = saved_model_max_length(directory)
+        if saved is not None:
             positions = hf_cfg.get("max_position_embeddings")
             return min(saved, positions) if isinstance(positions, int) and positions > 0 else saved
     return None

@@ -24,6 +24,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from toolkit.errors import InvalidRequestError, ModelLoadError
+from toolkit.service.model_json import json_dict
 from toolkit.service.tokenization import TextTokenizer
 
 QWEN3_RERANKER = "qwen3-reranker"
@@ -61,16 +62,16 @@ class PromptedPairs:
 
 def read_logit_score(score_dir: Path, transformer_dir: Path) -> PromptedPairs:
     """A sentence-transformers causal CrossEncoder: LogitScore's tokens, the chat template."""
-    score = _json(score_dir / "config.json")
+    score = json_dict(score_dir / "config.json")
     true_token = score.get("true_token_id")
     if not isinstance(true_token, int):
         raise ModelLoadError(f"{score_dir / 'config.json'} names no true_token_id")
-    tokenizer_cfg = _json(transformer_dir / "tokenizer_config.json")
+    tokenizer_cfg = json_dict(transformer_dir / "tokenizer_config.json")
     jinja_file = transformer_dir / "chat_template.jinja"
     template = jinja_file.read_text() if jinja_file.is_file() else tokenizer_cfg.get("chat_template")
     if not isinstance(template, str):
         raise ModelLoadError(f"{transformer_dir} has no chat template to write (query, document) pairs with")
-    st_cfg = _json(transformer_dir / "sentence_bert_config.json")
+    st_cfg = json_dict(transformer_dir / "sentence_bert_config.json")
     chat_kwargs = dict((st_cfg.get("processing_kwargs") or {}).get("chat_template") or {})
     restore_tail = bool(chat_kwargs.pop("restore_suffix", True))
     variables = {
@@ -176,13 +177,3 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 def _token_text(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
-
-
-def _json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-    return data if isinstance(data, dict) else {}

@@ -7,18 +7,16 @@ Torch-free, like the rest of the spec: the request side runs the static query ro
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ModelLoadError
+from toolkit.service.model_json import class_name, json_dict, saved_model_max_length
 
 SPLADE_POOLING = ("max", "sum")
 SPLADE_ACTIVATIONS = ("relu", "log1p_relu")
 ROUTES = ("query", "document")
-# transformers' `model_max_length` when a tokenizer was saved without one (int(1e30)).
-_UNSET_MODEL_MAX_LENGTH = 10**18
 
 
 @dataclass(frozen=True)
@@ -35,15 +33,11 @@ class SparseSpec:
     max_active_dims: int | None = None
 
 
-def module_kind(module: dict[str, Any]) -> str:
-    return str(module.get("type", "")).rsplit(".", 1)[-1]
-
-
 def read_sparse_spec(
     model_dir: Path, modules: list[dict[str, Any]], st_cfg: dict[str, Any]
 ) -> tuple[Path, SparseSpec]:
     """The SPLADE Transformer's folder and the sparse spec of a SparseEncoder folder."""
-    kinds = [module_kind(module) for module in modules]
+    kinds = [class_name(module.get("type", "")) for module in modules]
     max_active_dims = st_cfg.get("max_active_dims")
     if not (isinstance(max_active_dims, int) and max_active_dims > 0):
         max_active_dims = None
@@ -69,7 +63,7 @@ def _splade_chain(root: Path, chain: list[tuple[str, str]]) -> tuple[Path, Path]
 
 
 def _splade(pooling_dir: Path, **fields: Any) -> SparseSpec:
-    cfg = _json(pooling_dir / "config.json")
+    cfg = json_dict(pooling_dir / "config.json", required=True)
     pooling = cfg.get("pooling_strategy", "max")
     activation = cfg.get("activation_function", "relu")
     if pooling not in SPLADE_POOLING or activation not in SPLADE_ACTIVATIONS:
@@ -82,10 +76,10 @@ def _splade(pooling_dir: Path, **fields: Any) -> SparseSpec:
 
 def _routed(router_dir: Path, max_active_dims: int | None) -> tuple[Path, SparseSpec]:
     """An inference-free model: queries through SparseStaticEmbedding, documents through SPLADE."""
-    cfg = _json(router_dir / "router_config.json")
+    cfg = json_dict(router_dir / "router_config.json", required=True)
     types, structure = cfg.get("types") or {}, cfg.get("structure") or {}
     routes = {
-        route: [(str(types.get(name, "")).rsplit(".", 1)[-1], name) for name in names]
+        route: [(class_name(types.get(name, "")), name) for name in names]
         for route, names in structure.items()
     }
     if sorted(routes) != sorted(ROUTES) or [kind for kind, _ in routes["query"]] != ["SparseStaticEmbedding"]:
@@ -102,22 +96,7 @@ def _routed(router_dir: Path, max_active_dims: int | None) -> tuple[Path, Sparse
     return transformer, _splade(
         pooling,
         query_dir=query_dir,
-        query_max_length=_model_max_length(query_dir),
+        query_max_length=saved_model_max_length(query_dir, required=True),
         default_route=default_route,
         max_active_dims=max_active_dims,
     )
-
-
-def _model_max_length(directory: Path) -> int | None:
-    saved = _json(directory / "tokenizer_config.json").get("model_max_length")
-    return saved if isinstance(saved, int) and 0 < saved < _UNSET_MODEL_MAX_LENGTH else None
-
-
-def _json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelLoadError(f"missing {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-    return data if isinstance(data, dict) else {}
