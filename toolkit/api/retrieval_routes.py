@@ -4,9 +4,12 @@ text-embeddings-inference's /embed_sparse for sparse models."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import FastAPI, Request
 from fastapi.params import Depends
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from toolkit.api.bodies import (
     cohere_embed_answer,
@@ -20,7 +23,7 @@ from toolkit.api.bodies import (
     sparse_embed_request,
 )
 from toolkit.api.responses import JSONResponse
-from toolkit.api.routes import check_model, limits_of, require_sparse, run_service
+from toolkit.api.routes import check_model, limits_of, require_sparse, run_embed, run_service
 from toolkit.api.schemas import CohereEmbedRequest, RerankRequest, ScoreRequest, SparseEmbedRequest
 from toolkit.api.state import ServerState
 from toolkit.errors import ContextLengthExceededError
@@ -65,29 +68,15 @@ def add_retrieval_routes(app: FastAPI, state: ServerState, authorized: list[Depe
             check_model(state, body.model)
             embed = cohere_embed_request(body, state.ready_service().spec.prompts)
             try:
-                result = await run_service(
-                    state, request, lambda service, timing: service.embed(embed, timing)
-                )
+                result = await run_embed(state, request, embed)
             except ContextLengthExceededError as exc:  # Cohere's truncation field takes a side
                 message = exc.message.replace('"truncate": true', '"truncate": "END"')
                 raise ContextLengthExceededError(message, param=exc.param) from None
         return JSONResponse(cohere_embed_answer(body.texts, result, kinds))
 
-    for path in RERANK_PATHS:
-        app.add_api_route(
-            path, rerank, methods=["POST"], dependencies=authorized, openapi_extra=json_body(RerankRequest)
-        )
-    for path in SCORE_PATHS:
-        app.add_api_route(
-            path, score, methods=["POST"], dependencies=authorized, openapi_extra=json_body(ScoreRequest)
-        )
-    app.add_api_route(
-        "/v2/embed",
-        cohere_embed,
-        methods=["POST"],
-        dependencies=authorized,
-        openapi_extra=json_body(CohereEmbedRequest),
-    )
+    _add_posts(app, RERANK_PATHS, rerank, RerankRequest, authorized)
+    _add_posts(app, SCORE_PATHS, score, ScoreRequest, authorized)
+    _add_posts(app, ("/v2/embed",), cohere_embed, CohereEmbedRequest, authorized)
 
 
 def add_sparse_routes(app: FastAPI, state: ServerState, authorized: list[Depends]) -> None:
@@ -99,13 +88,21 @@ def add_sparse_routes(app: FastAPI, state: ServerState, authorized: list[Depends
             check_model(state, body.model)
             require_sparse(state, "inputs")
             embed = sparse_embed_request(body, state.ready_service().spec.prompts)
-            result = await run_service(state, request, lambda service, timing: service.embed(embed, timing))
+            result = await run_embed(state, request, embed)
         return JSONResponse(sparse_answer(result))
 
-    app.add_api_route(
-        "/embed_sparse",
-        embed_sparse,
-        methods=["POST"],
-        dependencies=authorized,
-        openapi_extra=json_body(SparseEmbedRequest),
-    )
+    _add_posts(app, ("/embed_sparse",), embed_sparse, SparseEmbedRequest, authorized)
+
+
+def _add_posts(
+    app: FastAPI,
+    paths: tuple[str, ...],
+    handler: Callable[[Request], Awaitable[Response]],
+    schema: type[BaseModel],
+    authorized: list[Depends],
+) -> None:
+    """POST routes whose handler parses its body itself; the schema documents it."""
+    for path in paths:
+        app.add_api_route(
+            path, handler, methods=["POST"], dependencies=authorized, openapi_extra=json_body(schema)
+        )

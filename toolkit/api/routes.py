@@ -76,7 +76,7 @@ def add_embedding_routes(app: FastAPI, state: ServerState, authorized: list[Depe
                         "'embedding_type'",
                         param="sparse",
                     )
-            result = await _embed(state, request, embed_request(body.input, body))
+            result = await run_embed(state, request, embed_request(body.input, body))
         kind = body.embedding_type or "float"
         data = embeddings_data(result, body.encoding_format == "base64", kind, body.sparse)
         usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
@@ -90,7 +90,7 @@ def add_embedding_routes(app: FastAPI, state: ServerState, authorized: list[Depe
                 raise InvalidRequestError("send exactly one of 'text' or 'input_ids'", param="text")
             raw = body.text if body.text is not None else body.input_ids
             param, accepts = ("text", "texts") if body.text is not None else ("input_ids", "token ids")
-            result = await _embed(state, request, embed_request(raw, body, param, accepts))
+            result = await run_embed(state, request, embed_request(raw, body, param, accepts))
         items = encode_items(result)
         return JSONResponse(items[0] if is_single_input(raw) else items)
 
@@ -174,7 +174,7 @@ async def run_service(
     return result
 
 
-async def _embed(state: ServerState, request: Request, embed: EmbedRequest) -> EmbedResult:
+async def run_embed(state: ServerState, request: Request, embed: EmbedRequest) -> EmbedResult:
     return await run_service(state, request, lambda service, timing: service.embed(embed, timing))
 
 

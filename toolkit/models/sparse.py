@@ -13,7 +13,7 @@ from toolkit.models.encoder import Encoder
 from toolkit.models.layers import gelu_
 from toolkit.models.packed_batch import PackedBatch
 
-# Rows of the head's scores made at once: 1024 × a 30k vocabulary is 120 MB in float32.
+# Rows of the head's scores made at once: one block's [rows, vocabulary] scores are held, never a batch's.
 SCORE_BLOCK_ROWS = 1024
 
 

@@ -215,11 +215,7 @@ class InferenceService:
         )
         pairs = list(zip(firsts * len(seconds) if len(firsts) == 1 else firsts, seconds, strict=True))
         limit = self.limits.context_length
-        prompter = self.prompter
-        if request.instruction is not None and prompter is None:
-            raise InvalidRequestError(
-                "only a decoder reranker's prompt takes an instruction", param="instruction"
-            )
+        prompter = self.prompter  # an instruction without one is refused by the callers (similarity)
 
         def encode() -> list[tuple[list[int], int]]:
             if prompter is not None:

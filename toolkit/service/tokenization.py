@@ -81,8 +81,7 @@ class TextTokenizer:
         tokenizer = self._plain
         if max_length is not None:
             tokenizer = self._truncating.get(("pair", max_length)) or self._pair_truncating(max_length)
-        encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-        encodings = encode(pairs, add_special_tokens=True)
+        encodings = self._encode_batch(tokenizer, pairs)
         return [(e.ids, _second_segment_start(e.type_ids)) for e in encodings]
 
     def _pair_truncating(self, max_length: int) -> Tokenizer:
@@ -121,7 +120,7 @@ class TextTokenizer:
 
     @staticmethod
     def _encode_batch(
-        tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = True
+        tokenizer: Tokenizer, texts: Sequence[str | tuple[str, str]], add_special_tokens: bool = True
     ) -> list[Encoding]:
         # Runs in Rust threads and releases the GIL; the fast variant skips the character offsets,
         # which nothing here reads (docs/performance.md, "Text on the GPU").
