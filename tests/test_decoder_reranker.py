@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.api_calls import assert_openai_error
+from tests.helpers.api_calls import assert_openai_error, rerank_scores
 from tests.helpers.head_models import build_causal_lm, save_chat_reranker
 from tests.helpers.servers import start_test_client
 
@@ -43,17 +43,11 @@ def st_reranker(causal_lm: Path) -> Iterator[tuple[Any, Any]]:
     client.__exit__(None, None, None)
 
 
-def ranked(answer: Any, count: int) -> np.ndarray:
-    assert answer.status_code == 200, answer.text
-    scores = np.zeros(count, dtype=np.float32)
-    for result in answer.json()["results"]:
-        scores[result["index"]] = result["relevance_score"]
-    return scores
-
-
 def test_chat_template_reranker_matches_cross_encoder(st_reranker) -> None:
     client, reference = st_reranker
-    got = ranked(client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS}), len(DOCUMENTS))
+    got = rerank_scores(
+        client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS}), len(DOCUMENTS)
+    )
     expected = reference.predict([(QUERY, doc) for doc in DOCUMENTS])
     assert np.abs(got - expected).max() <= 1e-5
     assert client.get("/v1/models").json()["data"][0]["task"] == "rerank"
@@ -74,7 +68,7 @@ def test_chat_template_truncation_keeps_the_template_tail(st_reranker) -> None:
     assert assert_openai_error(refused, 400, "documents")["code"] == "context_length_exceeded"
     cut = client.post("/v1/rerank", json={"query": QUERY, "documents": [LONG, "ok"], "truncate": True})
     expected = reference.predict([(QUERY, LONG), (QUERY, "ok")])
-    assert np.abs(ranked(cut, 2) - expected).max() <= 1e-5
+    assert np.abs(rerank_scores(cut, 2) - expected).max() <= 1e-5
 
 
 def test_requests_a_decoder_reranker_cannot_serve_are_refused(st_reranker) -> None:
@@ -113,7 +107,7 @@ def test_plain_causal_lm_with_is_reranker_matches_the_model_card(causal_lm: Path
     pairs = [(QUERY, doc) for doc in DOCUMENTS]
     client = start_test_client(["--model-path", str(causal_lm), "--is-reranker"])
     try:
-        default = ranked(
+        default = rerank_scores(
             client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS}), len(DOCUMENTS)
         )
         told = client.post(
@@ -123,7 +117,7 @@ def test_plain_causal_lm_with_is_reranker_matches_the_model_card(causal_lm: Path
         client.__exit__(None, None, None)
     assert np.abs(default - model_card_scores(causal_lm, pairs)).max() <= 1e-5
     assert (
-        np.abs(ranked(told, len(DOCUMENTS)) - model_card_scores(causal_lm, pairs, "Find plants")).max()
+        np.abs(rerank_scores(told, len(DOCUMENTS)) - model_card_scores(causal_lm, pairs, "Find plants")).max()
         <= 1e-5
     )
 
@@ -154,7 +148,7 @@ def test_a_template_tail_is_not_restored_where_the_folder_says_so(causal_lm: Pat
     finally:
         client.__exit__(None, None, None)
     expected = CrossEncoder(str(path), device="cpu").predict([(QUERY, LONG)])
-    assert np.abs(ranked(cut, 1) - expected).max() <= 1e-5
+    assert np.abs(rerank_scores(cut, 1) - expected).max() <= 1e-5
 
 
 def test_is_reranker_refuses_an_embedding_folder_and_instructions_are_bounded(st_reranker) -> None:

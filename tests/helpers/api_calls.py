@@ -1,4 +1,5 @@
-"""Client-side helpers for HTTP tests: post embeddings, read vectors, check the OpenAI error shape."""
+"""Client-side helpers for HTTP tests: post embeddings, read vectors and rerank scores, check the
+OpenAI error shape."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ def embed(client: Any, **body: Any) -> Any:
 def vectors(response: Any) -> np.ndarray:
     assert response.status_code == 200, response.text
     return np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
+
+
+def rerank_scores(response: Any, count: int) -> np.ndarray:
+    """A /v1/rerank answer's scores, by the index of the document each one scores."""
+    assert response.status_code == 200, response.text
+    scores = np.zeros(count, dtype=np.float32)
+    for result in response.json()["results"]:
+        scores[result["index"]] = result["relevance_score"]
+    return scores
 
 
 def assert_openai_error(response: Any, status: int, param: str | None = None) -> dict[str, Any]:
