@@ -107,8 +107,7 @@ def _padded_sdpa(
     def to_padded(x: torch.Tensor) -> torch.Tensor:  # [T, H, d] -> [B, H, L, d]
         if single:
             return x[None].transpose(1, 2)
-        padded = x.new_zeros(num_seqs * length, x.shape[1], x.shape[2])
-        padded[batch.padded_index] = x
+        padded = x.index_select(0, batch.padded_source)  # one gather: no zeroed buffer to scatter into
         return padded.view(num_seqs, length, x.shape[1], x.shape[2]).transpose(1, 2)
 
     mask = None if single else batch.key_padding_mask[:, None, None, :]  # [B, 1, 1, L]
@@ -132,7 +131,7 @@ def _padded_sdpa(
     if query_rows is not None:
         return out[:, :, 0]
     out = out.transpose(1, 2).reshape(num_seqs * length, q.shape[1], q.shape[2])
-    return out if single else out[batch.padded_index]
+    return out if single else out.index_select(0, batch.padded_index)
 
 
 VarlenKernel = Callable[

@@ -55,6 +55,15 @@ class PackedBatch:
         return self.seq_index * self.max_seqlen + self.position_ids.long()
 
     @cached_property
+    def padded_source(self) -> torch.Tensor:
+        """[B * max_seqlen] int64: the token each slot of the padded layout reads. A padding slot
+        reads its sequence's last token: a real value, so no zero-filled buffer is needed, and
+        attention's key mask and the gather back drop it."""
+        starts, ends = self.cu_seqlens[:-1].long(), self.cu_seqlens[1:].long()
+        slots = torch.arange(self.max_seqlen, device=self.device)
+        return torch.minimum(starts[:, None] + slots, ends[:, None] - 1).view(-1)
+
+    @cached_property
     def one_per_sequence(self) -> torch.Tensor:
         """[B+1] int32 `cu_seqlens` of one token per sequence (the pooled-token queries)."""
         return torch.arange(self.num_seqs + 1, dtype=torch.int32, device=self.device)
