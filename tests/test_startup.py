@@ -177,7 +177,9 @@ def test_workers_of_several_cores_share_all_idle_work_and_single_cores_a_large_q
 ) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(toolkit.execution.device_threads, "CORES", cores)
     threads = DeviceThreads(workers)
-    model = SimpleNamespace(row_pooling_modes=())  # all the runner reads of a model when built
+    model = SimpleNamespace(
+        row_pooling_modes=(), module=torch.nn.Linear(1, 1)
+    )  # all a runner reads when built
     runner = Runner(model, torch.device("cpu"), ("mean",), True, threads)  # type: ignore[arg-type]
     try:
         assert (threads.plan.boosts_lone_batches, runner.work_split) == (boosts, split)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.models import cpu_fusion
 from toolkit.models.attention import packed_attention
 from toolkit.models.base import SINGLE_TOKEN_MODES
 from toolkit.models.layers import gelu_, uninitialized_embedding
@@ -110,16 +111,27 @@ class EncoderLayer(nn.Module):
         rows: torch.Tensor | None = None,  # keep only these tokens' outputs
     ) -> torch.Tensor:
         t, h, d = x.shape[0], self.cfg.n_heads, self.cfg.head_dim
-        q, k, v = self.qkv(x).view(t, 3, h, d).unbind(1)  # each [T, H, d]
+        q, k, v = cpu_fusion.linear(x, self.qkv).view(t, 3, h, d).unbind(1)  # each [T, H, d]
         attn = packed_attention(q, k, v, batch, causal=False, bias=bias, query_rows=rows)
         return self.attention_output_and_mlp(x if rows is None else x[rows], attn)
 
     def attention_output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        if cpu_fusion.fuses(x):
+            return self._fused_output_and_mlp(x, attn)
         attn_norm, ffn_norm, eps = self.attn_norm, self.ffn_norm, self.cfg.norm_eps
         x = self.add_norm(
             x, self.attn_out(attn.reshape(x.shape[0], -1)), attn_norm.weight, attn_norm.bias, eps
         )
         return self.add_norm(x, self.ffn_out(self.act(self.ffn_in(x))), ffn_norm.weight, ffn_norm.bias, eps)
+
+    def _fused_output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The same on a bfloat16 CPU, with biases, GELU and residual adds inside the products."""
+        attn_norm, ffn_norm, eps = self.attn_norm, self.ffn_norm, self.cfg.norm_eps
+        x = cpu_fusion.linear_residual(attn.reshape(x.shape[0], -1), self.attn_out, x)
+        x = F.layer_norm(x, attn_norm.weight.shape, attn_norm.weight, attn_norm.bias, eps)
+        hidden = cpu_fusion.linear_activation(x, self.ffn_in, self.cfg.activation, self.act)
+        x = cpu_fusion.linear_residual(hidden, self.ffn_out, x)
+        return F.layer_norm(x, ffn_norm.weight.shape, ffn_norm.weight, ffn_norm.bias, eps)
 
     add_norm = staticmethod(add_layer_norm)
 

@@ -1,0 +1,70 @@
+"""Linear products with their bias, activation or residual add done inside oneDNN's kernel.
+
+On a CPU in bfloat16 the products themselves run on AMX or AVX512-BF16 units, so the separate
+passes over their outputs (the bias copy, GELU, the residual add) cost a large share of a layer;
+oneDNN applies them to the float32 accumulator as it writes each tile. Elsewhere (float32, CUDA,
+a torch without oneDNN) the helpers are the plain eager ops.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A model's hidden_act as oneDNN's post-op: (attr, algorithm).
+ONEDNN_ACTIVATIONS = {
+    "gelu": ("gelu", "none"),  # exact (erf) GELU
+    "gelu_new": ("gelu", "tanh"),
+    "gelu_pytorch_tanh": ("gelu", "tanh"),
+    "relu": ("relu", ""),
+    "silu": ("swish", ""),
+}
+
+
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether this torch has oneDNN's fused linear and this CPU runs it in bfloat16."""
+    ops = torch.ops.mkldnn
+    try:
+        return bool(torch.backends.mkldnn.is_available() and ops._is_mkldnn_bf16_supported()) and hasattr(
+            ops, "_linear_pointwise"
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def onednn_runs(module: nn.Module) -> bool:
+    """Whether a CPU model's products go to oneDNN: bfloat16 weights on a CPU that runs them."""
+    return onednn_bf16() and any(p.dtype == torch.bfloat16 for p in module.parameters())
+
+
+def fuses(x: torch.Tensor) -> bool:
+    return x.is_cpu and x.dtype == torch.bfloat16 and onednn_bf16()
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    if not fuses(x):
+        return layer(x)
+    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+
+
+def linear_activation(
+    x: torch.Tensor, layer: nn.Linear, activation: str, eager: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """activation(layer(x)); `eager` is the activation applied after the product where oneDNN
+    does not fuse it."""
+    if not fuses(x) or activation not in ONEDNN_ACTIVATIONS:
+        return eager(layer(x))
+    attr, algorithm = ONEDNN_ACTIVATIONS[activation]
+    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], algorithm)
+
+
+def linear_residual(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+    """layer(x) + residual."""
+    if not fuses(x):
+        return F.linear(x, layer.weight, layer.bias) + residual
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
