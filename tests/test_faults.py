@@ -92,7 +92,7 @@ def test_disconnected_clients_inputs_never_reach_the_device(threaded_server: Thr
 
 
 def out_of_memory_above(inputs: int) -> Callable[[PackedBatch], BaseException | None]:
-    return lambda batch: torch.OutOfMemoryError("forced") if batch.num_seqs > inputs else None
+    return lambda batch: torch.OutOfMemoryError("forced") if batch.real_seqs > inputs else None
 
 
 def test_out_of_memory_splits_the_batch_and_every_request_succeeds(minilm_client) -> None:

@@ -139,7 +139,8 @@ def test_one_large_request_is_split_over_both_cores_and_a_small_one_runs_on_both
 
     def recording_embed(self, batch):  # type: ignore[no-untyped-def]
         name = threading.current_thread().name.rsplit("_", 1)[0]
-        seen.append((name, torch.get_num_threads(), batch.num_tokens))
+        # Real tokens only: the fillers that bound batch shapes are no part of the split.
+        seen.append((name, torch.get_num_threads(), int(batch.cu_seqlens[batch.real_seqs])))
         return embed(self, batch)
 
     args = ServerArgs.from_cli(["--device", "cpu", "--no-warmup"], environ={})
@@ -177,9 +178,7 @@ def test_workers_of_several_cores_share_all_idle_work_and_single_cores_a_large_q
 ) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(toolkit.execution.device_threads, "CORES", cores)
     threads = DeviceThreads(workers)
-    model = SimpleNamespace(
-        row_pooling_modes=(), module=torch.nn.Linear(1, 1)
-    )  # all a runner reads when built
+    model = SimpleNamespace(row_pooling_modes=())  # all the runner reads of a model when built
     runner = Runner(model, torch.device("cpu"), ("mean",), True, threads)  # type: ignore[arg-type]
     try:
         assert (threads.plan.boosts_lone_batches, runner.work_split) == (boosts, split)

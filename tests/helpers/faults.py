@@ -43,7 +43,7 @@ class DeviceGate:
 
     def __call__(self, batch: PackedBatch) -> None:
         self.batches.append(batch.input_ids.tolist())
-        self.sizes.append(batch.num_seqs)
+        self.sizes.append(batch.real_seqs)
         if len(self.batches) <= (self.hold or 0) and not self.released.wait(WAIT_S):
             raise RuntimeError("the test never released the device")
         error = self.fault(batch)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from toolkit.execution.row_buckets import FILLER_TOKEN
 from toolkit.models.packed_batch import PackedBatch
 
 
@@ -15,11 +16,21 @@ def pack(
     sequences: Sequence[Sequence[int] | np.ndarray],
     pool_starts: Sequence[int] | None = None,
     segment_starts: Sequence[int] | None = None,
+    fillers: Sequence[int] = (),
 ) -> PackedBatch:
     """Concatenate token-id sequences (each non-empty) into one PackedBatch on the CPU; token
-    types where some sequence is a pair (a non-zero segment start)."""
+    types where some sequence is a pair (a non-zero segment start). `fillers` are the lengths
+    of filler sequences to append (toolkit.execution.row_buckets)."""
     if not sequences:
         raise ValueError("cannot pack an empty batch")
+    if fillers:
+        real = len(sequences)
+        sequences = [*sequences, *([FILLER_TOKEN] * length for length in fillers)]
+        pool_starts = None if pool_starts is None else [*pool_starts, *[0] * len(fillers)]
+        segment_starts = None if segment_starts is None else [*segment_starts, *[0] * len(fillers)]
+        batch = pack(sequences, pool_starts, segment_starts)
+        batch.fillers = len(sequences) - real
+        return batch
     count = len(sequences)
     lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=count)
     if lengths.min() < 1:

@@ -1,36 +1,50 @@
-"""Filler sequences that bring a CPU bfloat16 batch to one of a bounded set of shapes.
+"""Filler sequences that bring a CPU batch to one of a bounded set of shapes.
 
-oneDNN, which runs bfloat16 products on a CPU, keeps memory for every row count it meets, and a
-packed batch brings a new token count almost every time: a server's memory grew by gigabytes
-over a few thousand batches (docs/performance.md, "Memory"). Padding each batch with short filler
-sequences up to a multiple of TOKEN_STEP tokens, and to a bucketed count of sequences (the rows
-that pooled-token models and heads compute), bounds the shapes. Fillers are sequences of their
-own: no real token attends to them, and their rows are dropped after the forward.
+A packed batch brings a new token count almost every time, and a CPU server's memory grew with
+the shapes it met: oneDNN, which runs bfloat16 products, keeps memory for every row count (a
+bfloat16 Engine grew by gigabytes over a thousand batches of random sizes), and in float32 the
+heap kept growing by a sixth over 60k texts. Padding each batch with short filler sequences to
+a bucketed token count, and a bucketed count of sequences (the rows that pooled-token models and
+heads compute), bounds the shapes; docs/performance.md ("Memory") has the figures. Fillers are
+sequences of their own: no real token attends to them, and their rows are dropped after the
+forward. Batches of up to SMALL_BATCH tokens, a bounded set already, keep their exact shape,
+so a lone short request pays nothing.
 """
 
 from __future__ import annotations
 
-TOKEN_STEP = 64  # token counts: multiples of this
+SMALL_BATCH = 64  # tokens; smaller batches get no fillers
 FILLER_TOKEN = 0  # any id every vocabulary has; fillers' outputs are never read
 
 
 def bucket_tokens(tokens: int) -> int:
-    return -(-tokens // TOKEN_STEP) * TOKEN_STEP
+    """16 counts per power of two up to 1,024 tokens (at most 1/16 of fillers), then multiples
+    of 64."""
+    if tokens <= SMALL_BATCH:
+        return tokens
+    return _round_up(tokens, min(64, _step(tokens)))
 
 
 def bucket_seqs(seqs: int) -> int:
-    """Up to 16 exact, then 16 counts per power of two: at most 1/16 of fillers."""
-    step = max(1, 1 << max(0, (seqs - 1).bit_length() - 4))
-    return -(-seqs // step) * step
+    """Exact up to 16, then 16 counts per power of two."""
+    return _round_up(seqs, _step(seqs))
 
 
 def filler_lengths(tokens: int, seqs: int, longest: int) -> list[int]:
     """Lengths of the filler sequences (each at most `longest` tokens) that bring a batch of
     `tokens` in `seqs` sequences to bucketed counts of both; [] where it has them already."""
-    if bucket_tokens(tokens) == tokens and bucket_seqs(seqs) == seqs:
+    if tokens <= SMALL_BATCH or (bucket_tokens(tokens) == tokens and bucket_seqs(seqs) == seqs):
         return []
     count = bucket_seqs(seqs) - seqs or bucket_seqs(seqs + 1) - seqs  # at least one filler
     while (total := bucket_tokens(tokens + count) - tokens) > count * longest:
         count = bucket_seqs(seqs + count + 1) - seqs
     base, extra = divmod(total, count)
     return [base + 1] * extra + [base] * (count - extra)
+
+
+def _step(count: int) -> int:
+    return 1 << max(0, (count - 1).bit_length() - 4)
+
+
+def _round_up(count: int, step: int) -> int:
+    return -(-count // step) * step

@@ -25,13 +25,14 @@ from toolkit.execution.cpu_policy import WorkSplit
 from toolkit.execution.device_threads import DeviceThreads
 from toolkit.execution.packing import pack
 from toolkit.execution.pooling import normalize, pool, token_rows
-from toolkit.execution.row_buckets import FILLER_TOKEN, filler_lengths
+from toolkit.execution.row_buckets import filler_lengths
 from toolkit.models.base import LoadedModel
-from toolkit.models.cpu_fusion import onednn_runs
 from toolkit.models.packed_batch import PackedBatch
 from toolkit.scheduling.work import ItemResult, WorkItem
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from toolkit.execution.cuda_graphs import BatchGraphs
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,6 @@ class Runner:
         self._unanswered: set[Future[list[ItemResult]]] = set()
         self.stats = RunnerStats()
         self.graphs: BatchGraphs | None = None
-        self._buckets_rows = device.type == "cpu" and onednn_runs(model.module)
 
     @property
     def alive(self) -> bool:
@@ -220,11 +220,11 @@ class Runner:
         # run of similar lengths on its own.
         order = sorted(range(len(items)), key=lambda i: -len(items[i].token_ids))
         ids = [items[i].token_ids for i in order]
-        fillers = self._fillers(ids)
         batch = pack(
-            ids + fillers,
-            [items[i].pool_start for i in order] + [0] * len(fillers),
-            [items[i].segment_start for i in order] + [0] * len(fillers),
+            ids,
+            [items[i].pool_start for i in order],
+            [items[i].segment_start for i in order],
+            self._fillers(ids),
         )
         if self.fault_hook is not None:
             self.fault_hook(batch)
@@ -236,7 +236,7 @@ class Runner:
         graphs = self.graphs if batch.token_types is None else None
         embeddings = graphs.run(batch) if graphs is not None else None
         if embeddings is None:
-            embeddings = self.embed(batch.to(self.device))[: len(order)]
+            embeddings = self.embed(batch.to(self.device))[: batch.real_seqs]
         if started is None:
             self.stats.launched(began, batch.num_tokens)
             return _Launched(embeddings, order, None, None)
@@ -247,12 +247,11 @@ class Runner:
         self.stats.launched(began, batch.num_tokens)
         return _Launched(host, order, started, done)
 
-    def _fillers(self, ids: list[Sequence[int]]) -> list[list[int]]:
-        """Filler sequences for a CPU bfloat16 batch (see row_buckets); none elsewhere."""
-        if not self._buckets_rows:
+    def _fillers(self, ids: list[Sequence[int] | np.ndarray]) -> list[int]:
+        """Lengths of the filler sequences for a CPU batch (see row_buckets); none on a GPU."""
+        if self.device.type != "cpu":
             return []
-        lengths = filler_lengths(sum(map(len, ids)), len(ids), self.model.max_input_tokens)
-        return [[FILLER_TOKEN] * length for length in lengths]
+        return filler_lengths(sum(map(len, ids)), len(ids), self.model.max_input_tokens)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """The device work of a batch already on the device: forward, pooling, normalization."""

@@ -37,11 +37,6 @@ def onednn_bf16() -> bool:
         return False
 
 
-def onednn_runs(module: nn.Module) -> bool:
-    """Whether a CPU model's products go to oneDNN: bfloat16 weights on a CPU that runs them."""
-    return onednn_bf16() and any(p.dtype == torch.bfloat16 for p in module.parameters())
-
-
 def fuses(x: torch.Tensor) -> bool:
     return x.is_cpu and x.dtype == torch.bfloat16 and onednn_bf16()
 

@@ -31,6 +31,11 @@ class PackedBatch:
     seqlens: list[int] | None = field(repr=False)
     skips_tokens: bool = False  # whether any pool_starts is non-zero
     token_types: torch.Tensor | None = None  # [T] int32 for pairs (0 first text, 1 second); else None
+    fillers: int = 0  # the last sequences are fillers that only bound the batch's shape (CPU)
+
+    @property
+    def real_seqs(self) -> int:
+        return self.num_seqs - self.fillers
 
     @property
     def num_seqs(self) -> int:
