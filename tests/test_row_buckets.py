@@ -35,6 +35,7 @@ def test_fillers_bring_every_batch_to_a_bounded_set_of_shapes() -> None:
     assert len(token_counts) <= 4 * 16 + (4096 - 1024) // 64 + 1 and len(seq_counts) <= 16 * 6
     assert filler_lengths(SMALL_BATCH, 3, 512) == []  # a short batch keeps its shape
     assert filler_lengths(128, 16, 512) == []  # already bucketed
+    assert filler_lengths(1000, 999, 1) == []  # one-token inputs: no filler fits both buckets
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,8 @@ def filler_lengths(tokens: int, seqs: int, longest: int) -> list[int]:
     `tokens` in `seqs` sequences to bucketed counts of both; [] where it has them already."""
     if tokens <= SMALL_BATCH or (bucket_tokens(tokens) == tokens and bucket_seqs(seqs) == seqs):
         return []
+    if longest < 2:  # one-token fillers might never land on both buckets at once
+        return []
     count = bucket_seqs(seqs) - seqs or bucket_seqs(seqs + 1) - seqs  # at least one filler
     while (total := bucket_tokens(tokens + count) - tokens) > count * longest:
         count = bucket_seqs(seqs + count + 1) - seqs

@@ -4,7 +4,8 @@ Inputs are concatenated without padding: `input_ids` and `position_ids` are flat
 `cu_seqlens` marks where each of the B sequences starts (B+1 entries, first 0, last T), and
 `seq_ids` says which sequence each token belongs to. `toolkit.execution.packing.pack` builds one
 on the host in one go, so moving a batch to a GPU is one asynchronous copy and nothing later
-waits for the device.
+waits for the device. On a CPU the last `fillers` sequences only pad the batch to a bounded
+shape (toolkit.execution.row_buckets); their rows are dropped.
 """
 
 from __future__ import annotations
