@@ -23,14 +23,10 @@ def pack(
     of filler sequences to append (toolkit.execution.row_buckets)."""
     if not sequences:
         raise ValueError("cannot pack an empty batch")
-    if fillers:
-        real = len(sequences)
+    if fillers:  # sequences of their own, outside every prompt and pair
         sequences = [*sequences, *([FILLER_TOKEN] * length for length in fillers)]
         pool_starts = None if pool_starts is None else [*pool_starts, *[0] * len(fillers)]
         segment_starts = None if segment_starts is None else [*segment_starts, *[0] * len(fillers)]
-        batch = pack(sequences, pool_starts, segment_starts)
-        batch.fillers = len(sequences) - real
-        return batch
     count = len(sequences)
     lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=count)
     if lengths.min() < 1:
@@ -62,4 +58,5 @@ def pack(
         seqlens=lengths.tolist(),
         skips_tokens=bool(starts.any()),
         token_types=token_types,
+        fillers=len(fillers),
     )

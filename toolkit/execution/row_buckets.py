@@ -1,10 +1,9 @@
 """Filler sequences that bring a CPU batch to one of a bounded set of shapes.
 
 A packed batch brings a new token count almost every time, and a CPU server's memory grew with
-the shapes it met: oneDNN, which runs bfloat16 products, keeps memory for every row count (a
-bfloat16 Engine grew by gigabytes over a thousand batches of random sizes), and in float32 the
-heap kept growing by a sixth over 60k texts. Padding each batch with short filler sequences to
-a bucketed token count, and a bucketed count of sequences (the rows that pooled-token models and
+the shapes it met: oneDNN, which runs bfloat16 products, keeps memory for every row count, and
+in float32 the heap kept growing too. Padding each batch with short filler sequences to a
+bucketed token count, and a bucketed count of sequences (the rows that pooled-token models and
 heads compute), bounds the shapes; docs/performance.md ("Memory") has the figures. Fillers are
 sequences of their own: no real token attends to them, and their rows are dropped after the
 forward. Batches of up to SMALL_BATCH tokens, a bounded set already, keep their exact shape,

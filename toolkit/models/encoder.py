@@ -20,7 +20,7 @@ from torch import nn
 from toolkit.models import cpu_fusion
 from toolkit.models.attention import packed_attention
 from toolkit.models.base import SINGLE_TOKEN_MODES
-from toolkit.models.layers import gelu_, uninitialized_embedding
+from toolkit.models.layers import LayerStack, gelu_, uninitialized_embedding
 from toolkit.models.packed_batch import PackedBatch
 
 
@@ -142,7 +142,7 @@ class EncoderLayer(nn.Module):
         self.add_norm = compiled_add_layer_norm()  # type: ignore[method-assign]
 
 
-class Encoder(nn.Module):
+class Encoder(LayerStack):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -156,11 +156,6 @@ class Encoder(nn.Module):
         self.relative_bias = (
             uninitialized_embedding(cfg.relative_buckets, cfg.n_heads) if cfg.relative_buckets else None
         )
-
-    def compile_blocks(self) -> None:
-        """Fuse the attention-free parts of every layer with torch.compile (CUDA serving)."""
-        for layer in self.layers:
-            layer.compile_blocks()
 
     # Pooling modes for which `forward` can compute the pooled tokens alone (`rows`).
     row_pooling_modes = SINGLE_TOKEN_MODES
