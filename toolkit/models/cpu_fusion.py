@@ -1,9 +1,10 @@
-"""Linear products with their bias, activation or residual add done inside oneDNN's kernel.
+"""Linear products with their bias, activation or residual add done inside the product's kernel.
 
 On a CPU in bfloat16 the products themselves run on AMX or AVX512-BF16 units, so the separate
 passes over their outputs (the bias copy, GELU, the residual add) cost a large share of a layer;
-oneDNN applies them to the float32 accumulator as it writes each tile. Elsewhere (float32, CUDA,
-a torch without oneDNN) the helpers are the plain eager ops.
+oneDNN applies them to the float32 accumulator as it writes each tile. In float32 on a CPU the
+residual add goes into the product instead: the product accumulates onto residual + bias. Elsewhere
+(CUDA, a torch without oneDNN) the helpers are the plain eager ops.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from toolkit.models.short_batch_linear import PACKED_MAX_ROWS, ShortBatchLinear
 
 # A model's hidden_act as oneDNN's post-op: (attr, algorithm).
 ONEDNN_ACTIVATIONS = {
@@ -60,6 +62,18 @@ def linear_activation(
 
 def linear_residual(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
     """layer(x) + residual."""
-    if not fuses(x):
-        return F.linear(x, layer.weight, layer.bias) + residual
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+    if fuses(x):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+    if not _accumulates(x, layer):
+        return layer(x) + residual
+    # MKL's addmm copies the bias into a fresh output before the product; starting from
+    # residual + bias and accumulating into it (beta=1) saves that pass and the add after it.
+    out = residual + layer.bias if layer.bias is not None else residual.clone()
+    return out.addmm_(x, layer.weight.t())
+
+
+def _accumulates(x: torch.Tensor, layer: nn.Linear) -> bool:
+    """Whether `linear_residual` accumulates into the residual: a CPU batch that does not take a
+    short batch's packed product."""
+    short = isinstance(layer, ShortBatchLinear) and x.shape[0] <= PACKED_MAX_ROWS
+    return x.is_cpu and x.dim() == 2 and not short

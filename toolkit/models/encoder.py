@@ -116,7 +116,7 @@ class EncoderLayer(nn.Module):
         return self.attention_output_and_mlp(x if rows is None else x[rows], attn)
 
     def attention_output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        if cpu_fusion.fuses(x):
+        if x.is_cpu:
             return self._fused_output_and_mlp(x, attn)
         attn_norm, ffn_norm, eps = self.attn_norm, self.ffn_norm, self.cfg.norm_eps
         x = self.add_norm(
@@ -125,7 +125,8 @@ class EncoderLayer(nn.Module):
         return self.add_norm(x, self.ffn_out(self.act(self.ffn_in(x))), ffn_norm.weight, ffn_norm.bias, eps)
 
     def _fused_output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The same on a bfloat16 CPU, with biases, GELU and residual adds inside the products."""
+        """The same on a CPU, with the residual adds inside the products (and in bfloat16 the
+        biases and GELU too)."""
         attn_norm, ffn_norm, eps = self.attn_norm, self.ffn_norm, self.cfg.norm_eps
         x = cpu_fusion.linear_residual(attn.reshape(x.shape[0], -1), self.attn_out, x)
         x = F.layer_norm(x, attn_norm.weight.shape, attn_norm.weight, attn_norm.bias, eps)

@@ -1,4 +1,5 @@
-"""bfloat16 on a CPU: oneDNN's products with their bias, activation and residual fused."""
+"""Products with their epilogue fused on a CPU: in bfloat16 oneDNN's bias, activation and residual
+add; in float32 the residual add accumulated into the product."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from toolkit import Engine
 from toolkit.models import cpu_fusion
+from toolkit.models.short_batch_linear import ShortBatchLinear
 
 needs_bf16_cpu = pytest.mark.skipif(
     not cpu_fusion.onednn_bf16(), reason="this CPU has no bfloat16 units for oneDNN"
@@ -40,6 +42,24 @@ def test_fused_products_match_the_eager_ones(activation: str) -> None:
     added = cpu_fusion.linear_residual(x, layer, residual)
     assert (added.float() - (F.linear(x32, w32, b32) + residual.float())).abs().max() <= 0.05
     assert (cpu_fusion.linear(x, layer).float() - F.linear(x32, w32, b32)).abs().max() <= 0.05
+
+
+@pytest.mark.parametrize("rows", [37, 300])
+def test_float32_residual_products_match_the_eager_ones(rows: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(96, 160)
+    packed = ShortBatchLinear.wrap(torch.nn.Linear(96, 160))
+    x = torch.randn(rows, 96, generator=generator)
+    residual = torch.randn(rows, 160, generator=generator)
+    before = residual.clone()
+    for linear in (layer, packed):
+        added = cpu_fusion.linear_residual(x, linear, residual)
+        expected = F.linear(x, linear.weight, linear.bias) + residual
+        assert (added - expected).abs().max() <= 1e-5
+    assert residual.equal(before)  # the residual stream is read, never written
+    # The short batch keeps the packed product; the long one accumulates into residual + bias.
+    assert not cpu_fusion._accumulates(x[:37], packed)
+    assert cpu_fusion._accumulates(x, layer) and cpu_fusion._accumulates(x[:37], layer)
 
 
 @pytest.fixture(scope="module")
