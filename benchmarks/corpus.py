@@ -4,9 +4,10 @@
     python benchmarks/corpus.py --num-texts 5000 --memory 10000,100000
 
 Each way embeds the same texts (5-200 words each): `SentenceTransformer.encode` (batch size 32,
-as its users run it), `toolkit.Engine.encode` in this process, and a server started with
-`launch_server_cmd` driven by 8 clients of 64 texts per request. Prints texts/s and tokens/s and
-the ratios to sentence-transformers, the machine and its CPU flags. `--memory` then embeds each
+as its users run it) and `toolkit.Engine.encode` in this process, taking turns for `--rounds`
+rounds, then a server started with `launch_server_cmd` driven by 8 clients of 64 texts per request.
+Prints the median texts/s and tokens/s of each, the ratios to sentence-transformers (each round's
+too), the machine and its CPU flags. `--memory` then embeds each
 count of texts (5-30 words, to keep the runs short) in a fresh process with `Engine.stream`,
 appending each part to a file as it comes, and prints each one's peak RSS: streaming should keep
 it flat whatever the count.
@@ -19,6 +20,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -49,26 +51,31 @@ def cpu_flags() -> str:
     return " ".join(flag for flag in wanted if flag in flags) or "no avx2"
 
 
-def time_sentence_transformers(texts: list[str]) -> float:
+def time_in_process(texts: list[str], rounds: int) -> dict[str, list[float]]:
+    """Seconds per round for `SentenceTransformer.encode` (batch size 32) and `Engine.encode`,
+    both loaded once and taking turns, so that drift in the machine's speed hits both alike."""
     from sentence_transformers import SentenceTransformer
 
+    from toolkit import Engine
     from toolkit.service.model_source import bundled_model_dir
 
     model = SentenceTransformer(str(bundled_model_dir()), device="cpu")
-    model.encode(texts[:256], batch_size=32)  # warm up
-    started = time.perf_counter()
-    model.encode(texts, batch_size=32)
-    return time.perf_counter() - started
-
-
-def time_engine(texts: list[str]) -> float:
-    from toolkit import Engine
-
+    ways = {
+        "sentence-transformers": lambda batch: model.encode(batch, batch_size=32),
+        "toolkit Engine (in-process)": None,
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
     with Engine(device="cpu") as engine:
-        engine.encode(texts[:256])  # warm up
-        started = time.perf_counter()
-        engine.encode(texts)
-        return time.perf_counter() - started
+        ways["toolkit Engine (in-process)"] = engine.encode
+        for encode in ways.values():
+            encode(texts[:256])  # warm up
+        for round_ in range(rounds):
+            order = list(ways.items()) if round_ % 2 == 0 else list(ways.items())[::-1]
+            for name, encode in order:
+                started = time.perf_counter()
+                encode(texts)
+                seconds[name].append(time.perf_counter() - started)
+    return seconds
 
 
 def time_server(texts: list[str]) -> float:
@@ -121,22 +128,27 @@ def main() -> None:
     parser.add_argument(
         "--memory", default="10000,100000", help="text counts for the peak-RSS runs ('' for none)"
     )
+    parser.add_argument("--rounds", type=int, default=3, help="turns of sentence-transformers and the Engine")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     texts = list(corpus(args.num_texts))
     tokens = sum(len(text.split()) + 2 for text in texts)
-    seconds = {
-        "sentence-transformers": time_sentence_transformers(texts),
-        "toolkit Engine (in-process)": time_engine(texts),
-        "toolkit server (HTTP, 8 clients)": time_server(texts),
-    }
-    reference = seconds["sentence-transformers"]
+    rounds = time_in_process(texts, args.rounds)
+    rounds["toolkit server (HTTP, 8 clients)"] = [time_server(texts)]
+    seconds = {name: statistics.median(values) for name, values in rounds.items()}
+    reference = rounds["sentence-transformers"]
     print(f"{machine_description('cpu')}; CPU flags: {cpu_flags()}")
-    print(f"{len(texts)} texts, {tokens} tokens (5-200 words each)")
-    for name, elapsed in seconds.items():
+    print(f"{len(texts)} texts, {tokens} tokens (5-200 words each); medians of {args.rounds} rounds in turn")
+    for name, values in rounds.items():
+        elapsed = seconds[name]
+        # In process, each round's ratio against sentence-transformers' time in the same round.
+        ratios = []
+        if len(values) == len(reference):
+            ratios = [f"{ref / value:.2f}" for ref, value in zip(reference, values, strict=True)]
         print(
             f"  {name:34s} {len(texts) / elapsed:8.0f} texts/s {tokens / elapsed:9.0f} tok/s "
-            f"{reference / elapsed:5.2f}x sentence-transformers"
+            f"{seconds['sentence-transformers'] / elapsed:5.2f}x sentence-transformers"
+            + (f" (rounds: {' '.join(ratios)})" if ratios else "")
         )
     memory = {int(count): peak_rss_mb(int(count)) for count in args.memory.split(",") if count}
     for count, peak in memory.items():
@@ -145,7 +157,13 @@ def main() -> None:
             f"anonymous {peak['anonymous']:.0f} MB"
         )
     if args.out:
-        results = {"texts": len(texts), "tokens": tokens, "seconds": seconds, "peak_rss_mb": memory}
+        results = {
+            "texts": len(texts),
+            "tokens": tokens,
+            "seconds": seconds,
+            "rounds_s": rounds,
+            "peak_rss_mb": memory,
+        }
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
