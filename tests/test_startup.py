@@ -207,20 +207,6 @@ def test_settled_garbage_collector_skips_start_up_objects_and_young_churn() -> N
         gc.set_threshold(*threshold)
 
 
-def test_front_ends_hand_the_gil_over_sooner_than_python_does() -> None:
-    import sys
-
-    from toolkit.process.bootstrap import GIL_SWITCH_INTERVAL_S, hand_over_gil_promptly
-
-    default = sys.getswitchinterval()
-    try:
-        hand_over_gil_promptly()
-        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
-        assert default > GIL_SWITCH_INTERVAL_S
-    finally:
-        sys.setswitchinterval(default)
-
-
 def test_short_texts_are_tokenized_on_the_event_loop_long_ones_beside_it() -> None:
     import asyncio
 

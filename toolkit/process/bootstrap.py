@@ -26,8 +26,6 @@ LOG_FORMAT = "[%(asctime)s] %(message)s"
 
 _YOUNG_OBJECTS_PER_COLLECTION = 10_000  # Python's default is 700
 _PARENT_POLL_S = 0.5
-# How long a thread may hold the GIL while another waits for it; Python's default is 5 ms.
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def configure_logging(level: str, process_name: str | None = None) -> None:
@@ -53,14 +51,6 @@ def settle_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(_YOUNG_OBJECTS_PER_COLLECTION, *gc.get_threshold()[1:])
-
-
-def hand_over_gil_promptly() -> None:
-    """For an HTTP front end, which tokenizes on threads beside its event loop: a tokenization
-    releases the GIL, but to hand its result back it waits for the loop to let go, by default up
-    to 5 ms on a busy loop. Not for a process with a device thread: there the shorter turns made a
-    lone request slower (docs/performance.md, "The event loop")."""
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 def exit_now(code: int) -> NoReturn:

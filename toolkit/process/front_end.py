@@ -23,7 +23,7 @@ from typing import Any
 from toolkit.api.server import serve_http
 from toolkit.environment import ENGINE_SOCKET_ENV, LISTEN_FD_ENV
 from toolkit.errors import ModelLoadError
-from toolkit.process.bootstrap import configure_logging, exit_now, hand_over_gil_promptly, inherited_socket
+from toolkit.process.bootstrap import configure_logging, exit_now, inherited_socket
 from toolkit.scheduling.remote import RemoteBatcher, connect_to_engine
 from toolkit.scheduling.routing import RoutingBatcher
 from toolkit.scheduling.work import BatchQueue
@@ -39,7 +39,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine_links = [int(fd) for fd in os.environ.pop(ENGINE_SOCKET_ENV).split(",")]
     os.environ.pop(LISTEN_FD_ENV, None)
     configure_logging(args.log_level, f"front end {os.getpid()}")
-    hand_over_gil_promptly()
     if args.listen_fd is None:
         logger.error("a front end needs the listening socket of its engine process")
         return 2
