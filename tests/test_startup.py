@@ -13,7 +13,14 @@ import toolkit.execution.assembly
 import toolkit.execution.device_threads
 import toolkit.execution.kernel_builder
 from toolkit.execution.assembly import load_service
-from toolkit.execution.cpu_policy import MIN_SHARED_BATCH_TOKENS, WorkSplit, default_workers
+from toolkit.execution.cpu_policy import (
+    MIN_SHARED_BATCH_TOKENS,
+    ONE_CORE_BATCH_TOKENS,
+    SEVERAL_CORES_BATCH_TOKENS,
+    ThreadPlan,
+    WorkSplit,
+    default_workers,
+)
 from toolkit.execution.device_threads import CORES, DeviceThreads
 from toolkit.execution.runner import Runner
 from toolkit.models import short_batch_linear
@@ -190,6 +197,24 @@ def test_default_cpu_workers_are_two_on_two_cores_else_one_and_the_flag_caps_at_
     by_cores = {cores: default_workers(None, cores) for cores in (1, 2, 4, 7, 8, 16, 64)}
     assert by_cores == {1: 1, 2: 2, 4: 1, 7: 1, 8: 1, 16: 1, 64: 1}
     assert default_workers(ServerArgs.from_cli(["--cpu-workers", "8"], environ={}).cpu_workers, 4) == 4
+
+
+def test_cpu_batches_are_smaller_for_workers_of_one_core() -> None:
+    assert ThreadPlan(2, 2).batch_tokens == ThreadPlan(16, 16).batch_tokens == ONE_CORE_BATCH_TOKENS
+    assert ThreadPlan(1, 2).batch_tokens == ThreadPlan(1, 16).batch_tokens == SEVERAL_CORES_BATCH_TOKENS
+    assert ONE_CORE_BATCH_TOKENS < SEVERAL_CORES_BATCH_TOKENS
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], None), (["--max-batch-tokens", "1000"], 1000)])
+def test_the_server_takes_its_plans_batch_budget_unless_the_flag_sets_one(
+    flags: list[str], expected: int | None
+) -> None:
+    args = ServerArgs.from_cli(["--device", "cpu", "--cpu-workers", "1", "--no-warmup", *flags], environ={})
+    service = load_service(args, files_of(args))
+    try:
+        assert service.queue.max_batch_tokens == (expected or ThreadPlan(1, CORES).batch_tokens)
+    finally:
+        service.queue.runner.shutdown()
 
 
 def test_settled_garbage_collector_skips_start_up_objects_and_young_churn() -> None:

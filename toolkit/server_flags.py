@@ -201,7 +201,7 @@ def _limit_flags(add: _FlagAdder) -> None:
     add(
         "--max-batch-tokens",
         type=_positive_int,
-        help="token budget of a batch (32768 on CUDA, 2048 on a CPU unless set)",
+        help="token budget of a batch (32768 on CUDA; on a CPU 2048 for workers of one core, else 8192)",
     )
     add(
         "--max-queued-tokens",

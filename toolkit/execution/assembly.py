@@ -35,9 +35,6 @@ logger = logging.getLogger(__name__)
 # A sparse model's batch holds a float32 row as wide as the vocabulary per input, on the device
 # and in pinned host memory: its inputs per batch are capped to keep those rows within this.
 SPARSE_BATCH_BYTES = 256 * 2**20
-# A CPU batch's token budget: small enough that a layer's activations stay near the cache
-# between its passes (docs/performance.md, "Batch size on the CPU").
-CPU_BATCH_TOKENS = 2048
 
 
 def load_service(args: ServerArgs, files: ModelFiles) -> InferenceService:
@@ -96,7 +93,8 @@ def _load_on_device_thread(
         sample = (files.tokenizer.encode(["warm up"])[0] * 256)[:256]
         runner.capture_graphs(sample, context_length)
     limits = args.request_limits(spec, context_length, _vocab_rows(model.module, files.tokenizer))
-    batch_tokens = args.max_batch_tokens or (32768 if device.type == "cuda" else CPU_BATCH_TOKENS)
+    default_tokens = 32768 if device.type == "cuda" else device_threads.plan.batch_tokens
+    batch_tokens = args.max_batch_tokens or default_tokens
     rows = max(1, SPARSE_BATCH_BYTES // (4 * model.hidden_size)) if model.pools_itself else None
     batcher = Batcher(runner, batch_tokens, args.max_queued_tokens, args.max_queued_inputs, rows)
     dim = model.hidden_size * (1 if model.pools_itself else len(spec.pooling_modes))

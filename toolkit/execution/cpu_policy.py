@@ -10,6 +10,9 @@ batches, how many torch threads each batch gets, and how the batcher shares a qu
 - Sharing: workers of several cores each share all work among the idle ones; workers of one core
   each share a queue of at least `MIN_SHARED_BATCH_TOKENS` per worker among all of them, busy ones
   included, unless an input is longer than a share (it would run alone on one core).
+- Batch size: a worker of one core takes batches of at most `ONE_CORE_BATCH_TOKENS`, whose
+  activations stay nearer its cache; a worker of several cores splits each product among its
+  threads, and wants `SEVERAL_CORES_BATCH_TOKENS`.
 
 Pure logic, no torch: `DeviceThreads` applies the thread counts, `Batcher` the sharing. The
 measurements behind each rule are in docs/performance.md ("CPU workers").
@@ -21,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 MIN_SHARED_BATCH_TOKENS = 256
+ONE_CORE_BATCH_TOKENS = 2048
+SEVERAL_CORES_BATCH_TOKENS = 8192
 
 
 def default_workers(requested: int | None, cores: int) -> int:
@@ -76,6 +81,11 @@ class ThreadPlan:
         """The first worker's threads for a batch that runs alone: every core, but only where the
         share is one thread, or the OpenMP teams would exceed the cores for good."""
         return self.cores if self.share == 1 else self.share
+
+    @property
+    def batch_tokens(self) -> int:
+        """The token budget of a batch, where the server's flag does not set it."""
+        return ONE_CORE_BATCH_TOKENS if self.share == 1 else SEVERAL_CORES_BATCH_TOKENS
 
     @property
     def boosts_lone_batches(self) -> bool:
