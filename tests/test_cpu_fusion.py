@@ -45,6 +45,7 @@ def test_fused_products_match_the_eager_ones(activation: str) -> None:
 
 
 @pytest.mark.parametrize("rows", [37, 300])
+@torch.inference_mode()  # as the server runs: the packed product is for inference only
 def test_float32_residual_products_match_the_eager_ones(rows: int) -> None:
     generator = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(96, 160)

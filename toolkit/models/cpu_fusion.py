@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from toolkit.models.short_batch_linear import PACKED_MAX_ROWS, ShortBatchLinear
+from toolkit.models.short_batch_linear import ShortBatchLinear
 
 # A model's hidden_act as oneDNN's post-op: (attr, algorithm).
 ONEDNN_ACTIVATIONS = {
@@ -73,7 +73,7 @@ def linear_residual(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor) -
 
 
 def _accumulates(x: torch.Tensor, layer: nn.Linear) -> bool:
-    """Whether `linear_residual` accumulates into the residual: a CPU batch that does not take a
-    short batch's packed product."""
-    short = isinstance(layer, ShortBatchLinear) and x.shape[0] <= PACKED_MAX_ROWS
-    return x.is_cpu and x.dim() == 2 and not short
+    """Whether `linear_residual` accumulates into the residual: a 2-D CPU batch that does not take
+    a short batch's packed product."""
+    packed = isinstance(layer, ShortBatchLinear) and layer.takes_packed(x)
+    return x.is_cpu and x.dim() == 2 and not packed

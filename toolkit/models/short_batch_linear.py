@@ -49,13 +49,18 @@ class ShortBatchLinear(nn.Linear):
         return wrapped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch.compile (--compile on a CPU) lowers the packed product only for frozen weights,
-        # and the packed op has no backward: both take the plain product.
-        if torch.compiler.is_compiling() or torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
-        if x.dim() != 2 or x.shape[0] > PACKED_MAX_ROWS:
+        if not self.takes_packed(x):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    @staticmethod
+    def takes_packed(x: torch.Tensor) -> bool:
+        """Whether `forward` runs `x` through the packed copy: a short 2-D batch, outside
+        torch.compile (--compile on a CPU), which lowers the packed product only for frozen
+        weights, and outside autograd, since the packed op has no backward."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return False
+        return x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS
 
 
 def pack_linear_weights(module: nn.Module) -> bool:
