@@ -7,10 +7,9 @@ Each way embeds the same texts (5-200 words each): `SentenceTransformer.encode` 
 as its users run it) and `toolkit.Engine.encode` in this process, taking turns for `--rounds`
 rounds, then a server started with `launch_server_cmd` driven by 8 clients of 64 texts per request.
 Prints the median texts/s and tokens/s of each, the ratios to sentence-transformers (each round's
-too), the machine and its CPU flags. `--memory` then embeds each
-count of texts (5-30 words, to keep the runs short) in a fresh process with `Engine.stream`,
-appending each part to a file as it comes, and prints each one's peak RSS: streaming should keep
-it flat whatever the count.
+too), the machine and its CPU flags. `--memory` then embeds each count of texts (5-30 words, to
+keep the runs short) in a fresh process with `Engine.stream`, appending each part to a file as it
+comes, and prints each one's peak RSS: streaming should keep it flat whatever the count.
 """
 
 from __future__ import annotations
@@ -60,13 +59,12 @@ def time_in_process(texts: list[str], rounds: int) -> dict[str, list[float]]:
     from toolkit.service.model_source import bundled_model_dir
 
     model = SentenceTransformer(str(bundled_model_dir()), device="cpu")
-    ways = {
-        "sentence-transformers": lambda batch: model.encode(batch, batch_size=32),
-        "toolkit Engine (in-process)": None,
-    }
-    seconds: dict[str, list[float]] = {name: [] for name in ways}
     with Engine(device="cpu") as engine:
-        ways["toolkit Engine (in-process)"] = engine.encode
+        ways = {
+            "sentence-transformers": lambda batch: model.encode(batch, batch_size=32),
+            "toolkit Engine (in-process)": engine.encode,
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in ways}
         for encode in ways.values():
             encode(texts[:256])  # warm up
         for round_ in range(rounds):
