@@ -112,9 +112,11 @@ def main() -> None:
     args = parse_args()
     device = resolve_device(args.device)
     model_dir = model_with_tokenizer(args.shape, Path(args.tokenizer), Path(args.cache_dir), device)
-    texts, ids = make_texts(
-        Tokenizer.from_file(str(model_dir / "tokenizer.json")), args.lengths, args.num_inputs
-    )
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    # As the server does: MiniLM's tokenizer.json pads and cuts every input to 128 tokens.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    texts, ids = make_texts(tokenizer, args.lengths, args.num_inputs)
     tokens = sum(map(len, ids))
     machine = machine_description(device)
     print(f"machine: {machine}\nmodel: {args.shape}, tokenizer {args.tokenizer}", flush=True)
