@@ -91,3 +91,26 @@ def test_options_are_the_servers_and_close_is_final() -> None:
     engine.close()
     with pytest.raises(RuntimeError):
         engine.encode("hello")
+
+
+def test_an_engine_dropped_unclosed_stops_its_thread() -> None:
+    import gc
+
+    engine = Engine(device="cpu", cpu_workers=1)
+    engine.encode("hello")
+    thread = engine._thread
+    del engine
+    gc.collect()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_an_engine_left_open_at_exit_closes_quietly() -> None:
+    import subprocess
+    import sys
+
+    script = "from toolkit import Engine\nengine = Engine(device='cpu')\nprint(engine.encode('hi').shape)\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(384,)"
+    assert "Task was destroyed" not in done.stderr and "Traceback" not in done.stderr, done.stderr

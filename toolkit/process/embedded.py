@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import itertools
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -72,8 +73,11 @@ class Engine:
             self.service: InferenceService = load_service(self.args, files)
             self._call(_started(self.service))
         except BaseException:
-            self._stop_loop()
+            _stop_loop(self._loop, self._thread)
             raise
+        # An engine dropped unclosed (a notebook cell run again) or left open at exit closes
+        # itself: else its thread keeps the model for good, and exit cuts its tasks off.
+        self._close = weakref.finalize(self, _shut_down, self._loop, self._thread, self.service)
 
     # --- what the model gives ---
 
@@ -192,11 +196,7 @@ class Engine:
 
     def close(self) -> None:
         """Stop taking work, fail what is queued and release the device; harmless twice."""
-        if self._loop.is_closed():
-            return
-        if self._loop.is_running():
-            self._call(self.service.close())
-        self._stop_loop()
+        self._close()
 
     def __enter__(self) -> Engine:
         return self
@@ -240,11 +240,6 @@ class Engine:
         progress.update(len(rows))
         return rows
 
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
@@ -260,6 +255,22 @@ class _Options:
 
 async def _started(service: InferenceService) -> None:
     service.start()
+
+
+def _shut_down(loop: asyncio.AbstractEventLoop, thread: threading.Thread, service: InferenceService) -> None:
+    if threading.current_thread() is thread:  # dropped by code on its own loop: close, not wait
+        closing = loop.create_task(service.close())
+        closing.add_done_callback(lambda _: loop.stop())
+        return
+    if loop.is_running():
+        asyncio.run_coroutine_threadsafe(service.close(), loop).result()
+    _stop_loop(loop, thread)
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
 
 
 def _chunks(inputs: Iterable[Any], size: int) -> Iterator[list[Any]]:
