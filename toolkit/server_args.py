@@ -55,6 +55,7 @@ class ServerArgs:
     warmup: bool = True
     compile: bool | None = None
     cuda_graphs: bool = True
+    exact_gelu: bool = False
     http_workers: int = 0
     dp_size: int = 1
     device_ids: tuple[int, ...] = ()

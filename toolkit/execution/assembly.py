@@ -20,6 +20,7 @@ from toolkit.execution.kernel_builder import build_short_batch_kernels
 from toolkit.execution.memory import trim_when_idle
 from toolkit.execution.runner import Runner, RunnerStats
 from toolkit.models.base import LoadedModel
+from toolkit.models.encoder import keep_gelu_exact
 from toolkit.models.fp8 import check_fp8_device, quantize_fp8
 from toolkit.models.loader import Head, load_model
 from toolkit.scheduling.batcher import Batcher
@@ -76,6 +77,8 @@ def _load_on_device_thread(
     spec = files.spec
     if args.quantization == "fp8":
         logger.info("FP8: %d linear layers take float8 weights and activations.", quantize_fp8(model.module))
+    if args.exact_gelu:
+        logger.info("Exact GELU: %d encoder layers run it on its own.", keep_gelu_exact(model.module))
     compile_blocks = getattr(model.module, "compile_blocks", None)
     compiled = False
     if _compile_wanted(args, device, model, spec) and compile_blocks is not None:

@@ -91,6 +91,13 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# GELUs that cuBLASLt can apply inside the first MLP product on a GPU, in its tanh form. For the
+# exact (erf) GELU that is an approximation: used in half precision only, where the two differ far
+# less than the rounding (docs/performance.md, "GELU inside the product"); --exact-gelu turns it off.
+_EPILOGUE_GELUS = frozenset({"gelu", "gelu_new", "gelu_pytorch_tanh"})
+_HALF = (torch.bfloat16, torch.float16)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -102,6 +109,7 @@ class EncoderLayer(nn.Module):
         self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.dim)
         self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.act = _ACTIVATIONS[cfg.activation]
+        self.gelu_in_product = cfg.activation in _EPILOGUE_GELUS
 
     def forward(
         self,
@@ -122,7 +130,15 @@ class EncoderLayer(nn.Module):
         x = self.add_norm(
             x, self.attn_out(attn.reshape(x.shape[0], -1)), attn_norm.weight, attn_norm.bias, eps
         )
-        return self.add_norm(x, self.ffn_out(self.act(self.ffn_in(x))), ffn_norm.weight, ffn_norm.bias, eps)
+        return self.add_norm(x, self.ffn_out(self.mlp_hidden(x)), ffn_norm.weight, ffn_norm.bias, eps)
+
+    def mlp_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """activation(ffn_in(x)) on a GPU: in half precision with a GELU, inside the product."""
+        ffn_in = self.ffn_in
+        plain = type(ffn_in) is nn.Linear and ffn_in.bias is not None  # not FP8's
+        if self.gelu_in_product and plain and x.dtype in _HALF:
+            return torch._addmm_activation(ffn_in.bias, x, ffn_in.weight.t(), use_gelu=True)
+        return self.act(ffn_in(x))
 
     def _fused_output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The same on a CPU, with the residual adds inside the products (and in bfloat16 the
@@ -234,3 +250,12 @@ def encoder_state_dict(hf: dict[str, torch.Tensor], cfg: EncoderConfig) -> dict[
             out[f"{dst}ffn_out.{kind}"] = hf[f"{src}output.dense.{kind}"]
             out[f"{dst}ffn_norm.{kind}"] = hf[f"{src}output.LayerNorm.{kind}"]
     return out
+
+
+def keep_gelu_exact(module: nn.Module) -> int:
+    """--exact-gelu: every encoder layer in `module` runs its GELU as a kernel of its own, exact;
+    returns how many layers had taken it inside the product."""
+    layers = [m for m in module.modules() if isinstance(m, EncoderLayer) and m.gelu_in_product]
+    for layer in layers:
+        layer.gelu_in_product = False
+    return len(layers)
