@@ -2,6 +2,7 @@
 
     python benchmarks/corpus.py                          # 20k texts, the bundled MiniLM, this CPU
     python benchmarks/corpus.py --num-texts 5000 --memory 10000,100000
+    python benchmarks/corpus.py --num-texts 600 --threads 1 --memory ''   # one core each
 
 Each way embeds the same texts (5-200 words each): `SentenceTransformer.encode` (batch size 32,
 as its users run it) and `toolkit.Engine.encode` in this process, taking turns for `--rounds`
@@ -10,6 +11,8 @@ Prints the median texts/s and tokens/s of each, the ratios to sentence-transform
 too), the machine and its CPU flags. `--memory` then embeds each count of texts (5-30 words, to
 keep the runs short) in a fresh process with `Engine.stream`, appending each part to a file as it
 comes, and prints each one's peak RSS: streaming should keep it flat whatever the count.
+`--threads N` gives both ways N torch threads (the Engine then runs one worker of N) and skips
+the server.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def cpu_flags() -> str:
     return " ".join(flag for flag in wanted if flag in flags) or "no avx2"
 
 
-def time_in_process(texts: list[str], rounds: int) -> dict[str, list[float]]:
+def time_in_process(texts: list[str], rounds: int, workers: int | None = None) -> dict[str, list[float]]:
     """Seconds per round for `SentenceTransformer.encode` (batch size 32) and `Engine.encode`,
     both loaded once and taking turns, so that drift in the machine's speed hits both alike."""
     from sentence_transformers import SentenceTransformer
@@ -59,7 +62,7 @@ def time_in_process(texts: list[str], rounds: int) -> dict[str, list[float]]:
     from toolkit.service.model_source import bundled_model_dir
 
     model = SentenceTransformer(str(bundled_model_dir()), device="cpu")
-    with Engine(device="cpu") as engine:
+    with Engine(device="cpu", cpu_workers=workers) as engine:
         ways = {
             "sentence-transformers": lambda batch: model.encode(batch, batch_size=32),
             "toolkit Engine (in-process)": engine.encode,
@@ -127,15 +130,21 @@ def main() -> None:
         "--memory", default="10000,100000", help="text counts for the peak-RSS runs ('' for none)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="turns of sentence-transformers and the Engine")
+    parser.add_argument("--threads", type=int, help="torch threads for each way; skips the server")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # before toolkit reads the cores it may use
     texts = list(corpus(args.num_texts))
     tokens = sum(len(text.split()) + 2 for text in texts)
-    rounds = time_in_process(texts, args.rounds)
-    rounds["toolkit server (HTTP, 8 clients)"] = [time_server(texts)]
+    rounds = time_in_process(texts, args.rounds, 1 if args.threads else None)
+    if not args.threads:
+        rounds["toolkit server (HTTP, 8 clients)"] = [time_server(texts)]
     seconds = {name: statistics.median(values) for name, values in rounds.items()}
     reference = rounds["sentence-transformers"]
-    print(f"{machine_description('cpu')}; CPU flags: {cpu_flags()}")
+    print(f"{machine_description('cpu')}; CPU flags: {cpu_flags()}; threads: {args.threads or 'all'}")
     print(f"{len(texts)} texts, {tokens} tokens (5-200 words each); medians of {args.rounds} rounds in turn")
     for name, values in rounds.items():
         elapsed = seconds[name]
